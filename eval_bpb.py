@@ -1,0 +1,246 @@
+"""Score a Parameter Golf artifact: BPB after the round trip, the 16,000,000-byte check, boundaries.
+
+    python eval_bpb.py runs/<RUN_ID>/final_model.int6.ptz [--data DIR] [--tokenizer PATH]
+        [--sliding/--no-sliding] [--stride N] [--dynamic-cap] [--json OUT]
+    torchrun --standalone --nproc_per_node=8 eval_bpb.py ARTIFACT ...
+
+The artifact records the trainer that made it (path and sha256) and its whole config. This script
+imports that trainer by file path and reuses its model, loader, dequantiser and BPB code, so the
+number it prints is computed exactly as the trainer's own final line. Exit codes: 0 ok, 2 bad
+input, 3 trainer changed since the artifact was made, 4 artifact over the size cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def load_trainer(path: str | Path):
+    """Import a study's train_gpt.py by file path (trainers are self-contained, not a package)."""
+    path = Path(path).resolve()
+    name = "trainer_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_payload(artifact: Path) -> dict:
+    """Just enough to find the trainer: the trainer itself re-reads and validates the file."""
+    import io
+    import zlib
+
+    import torch
+    import zstandard
+
+    blob = artifact.read_bytes()
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == b"\x28\xb5\x2f\xfd" else zlib.decompress(blob)
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        return {"trainer": payload["trainer"], "config": payload["config"]}
+    except Exception as e:
+        raise ValueError(f"{artifact}: not a readable artifact (corrupt or truncated?): {e}") from None
+
+
+def find_trainer(record: dict) -> Path:
+    for base in (Path.cwd(), ROOT):
+        candidate = (base / record["path"]).resolve()
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"the trainer that made this artifact, {record['path']}, is not in this checkout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary statistics: where the router cuts, compared with word starts.
+# ---------------------------------------------------------------------------------------------
+
+WHITESPACE = set(b" \t\n\r\f\v")
+
+
+def word_starts(trainer, hp, tokens):
+    """Per token: does it begin a word? byte260: a non-space byte after whitespace;
+    SentencePiece: a piece with a leading "▁"."""
+    import torch
+
+    if hp.uses_sentencepiece:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+        lead = torch.tensor([sp.id_to_piece(i).startswith("\u2581") and len(sp.id_to_piece(i)) > 1
+                             for i in range(hp.vocab_size)])
+        return lead[tokens]
+    space = torch.zeros(hp.vocab_size, dtype=torch.bool)
+    space[[b + 4 for b in WHITESPACE]] = True
+    is_byte = tokens >= 4
+    prev_space = torch.cat((torch.ones_like(tokens[:1], dtype=torch.bool), space[tokens[:-1]]))
+    return is_byte & ~space[tokens] & prev_space
+
+
+def boundary_report(trainer, model, hp, val_tokens, device, max_tokens: int = 200_000) -> dict:
+    """Boundary masks over the first max_tokens of validation, in non-overlapping windows
+    (the first position of each window is a forced boundary and is left out of the counts)."""
+    import torch
+
+    seq = hp.train_seq_len
+    n = min(val_tokens.numel() - 1, max_tokens) // seq * seq
+    x = val_tokens[:n].view(-1, seq).to(device, torch.int64)
+    masks = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, x.size(0), hp.eval_batch_seqs):
+            out = model(x[i:i + hp.eval_batch_seqs], x[i:i + hp.eval_batch_seqs])
+            masks.append(out.boundary_mask.cpu())
+    mask = torch.cat(masks).flatten()
+    tokens = x.cpu().flatten()
+    starts = word_starts(trainer, hp, tokens)
+    counted = torch.ones_like(mask)
+    counted[::seq] = False
+    counted &= tokens >= 4 if not hp.uses_sentencepiece else tokens > 3
+    b, w = mask & counted, starts & counted
+    hits = (b & w).sum().item()
+    positions = torch.nonzero(mask).flatten()
+    lengths = torch.diff(positions).float()
+    return {
+        "tokens": int(counted.sum()),
+        "boundaries": int(b.sum()),
+        "tokens_per_chunk": counted.sum().item() / max(b.sum().item(), 1),
+        "precision": hits / max(b.sum().item(), 1),
+        "recall": hits / max(w.sum().item(), 1),
+        "chunk_len_cv": (lengths.std() / lengths.mean()).item() if lengths.numel() > 1 else float("nan"),
+        "example": chunked_text(hp, tokens[:seq], mask[:seq]),
+    }
+
+
+def chunked_text(hp, tokens, mask, max_chars: int = 600) -> str:
+    """Render tokens as [chunk][chunk]... starting at the first word start after position 0."""
+    if hp.uses_sentencepiece:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+        pieces = [sp.id_to_piece(int(t)).replace("\u2581", " ") for t in tokens]
+    else:
+        pieces = [bytes([int(t) - 4]) if t >= 4 else b"" for t in tokens]
+    out, current = [], []
+    for i, (piece, cut) in enumerate(zip(pieces, mask.tolist())):
+        if cut and current:
+            out.append(current)
+            current = []
+        current.append(piece)
+    out.append(current)
+    join = (lambda ps: "".join(ps)) if hp.uses_sentencepiece else (lambda ps: b"".join(ps).decode("utf-8", "replace"))
+    text = "".join(f"[{join(c)}]" for c in out[1:])  # the first chunk starts mid-word at the window edge
+    return text[:max_chars]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--data", help="dataset folder with fineweb_val_*.bin (default: the run's DATA_PATH)")
+    p.add_argument("--tokenizer", help="tokenizer file (default: the run's TOKENIZER_PATH)")
+    p.add_argument("--sliding", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the sliding-window evaluation (default on)")
+    p.add_argument("--stride", type=int, help="sliding stride in tokens (default: the run's EVAL_STRIDE)")
+    p.add_argument("--dynamic-cap", action="store_true", help="also evaluate with the per-batch chunk cap")
+    p.add_argument("--val-max-tokens", type=int, help="score only this many validation tokens (quick checks)")
+    p.add_argument("--boundaries", action=argparse.BooleanOptionalAction, default=True,
+                   help="report boundary statistics for an H-Net (default on)")
+    p.add_argument("--ignore-hash", action="store_true", help="accept a trainer edited since the artifact was made")
+    p.add_argument("--json", type=Path, help="write the results here as JSON")
+    return p.parse_args(argv)
+
+
+def evaluate(args) -> tuple[dict, int]:
+    if not args.artifact.is_file():
+        raise ValueError(f"{args.artifact}: no such artifact")
+    payload = read_payload(args.artifact)
+    trainer_path = find_trainer(payload["trainer"])
+    sha = hashlib.sha256(trainer_path.read_bytes()).hexdigest()
+    if sha != payload["trainer"]["sha256"] and not args.ignore_hash:
+        return {"error": f"{trainer_path} changed since the artifact was made (sha256 {sha[:12]} != "
+                         f"{payload['trainer']['sha256'][:12]}); pass --ignore-hash to score it anyway"}, 3
+    trainer = load_trainer(trainer_path)
+    config = dict(payload["config"])
+    overrides = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_stride": args.stride,
+                 "val_max_tokens": args.val_max_tokens}
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in trainer.fields(trainer.Hyperparameters)}
+    hp = trainer.Hyperparameters(**{k: v for k, v in config.items() if k in known})
+    hp.check()
+    rt = trainer.setup_device(hp)
+    full = trainer.read_artifact(args.artifact)
+    model = trainer.model_from_payload(full, rt.device)
+    luts = trainer.build_byte_luts(hp, rt.device)
+    val_tokens = trainer.load_validation_tokens(hp)
+    results = {"artifact": str(args.artifact), "trainer": str(trainer_path), "format": full["format"]}
+    res = trainer.evaluate_bpb(model, rt, hp, val_tokens, luts)
+    results["roundtrip"] = res._asdict()
+    if args.sliding:
+        results["sliding"] = trainer.evaluate_bpb(model, rt, hp, val_tokens, luts, stride=hp.eval_stride)._asdict()
+        results["sliding"]["stride"] = hp.eval_stride
+    if args.dynamic_cap and hp.is_hnet:
+        results["dynamic_cap"] = trainer.evaluate_bpb(model, rt, hp, val_tokens, luts, dynamic_cap=True)._asdict()
+    code, model_bytes = trainer_path.stat().st_size, args.artifact.stat().st_size
+    results["size"] = {"code_bytes": code, "model_bytes": model_bytes, "total_bytes": code + model_bytes,
+                       "cap_bytes": trainer.SIZE_CAP_BYTES, "headroom": trainer.SIZE_CAP_BYTES - code - model_bytes}
+    if hp.is_hnet and args.boundaries and rt.master:
+        results["boundaries"] = boundary_report(trainer, model, hp, val_tokens, rt.device)
+    return results, (4 if results["size"]["headroom"] < 0 else 0)
+
+
+def print_results(r: dict) -> None:
+    print(f"artifact: {r['artifact']} ({r['format']}, made by {os.path.relpath(r['trainer'])})")
+    print(f"{'evaluation':<24}{'val_loss':>12}{'val_bpb':>12}{'tokens':>14}{'bytes':>14}")
+    for key in ("roundtrip", "sliding", "dynamic_cap"):
+        if key in r:
+            e = r[key]
+            label = f"sliding (stride {e['stride']})" if key == "sliding" else key.replace("_", " ")
+            print(f"{label:<24}{e['val_loss']:>12.6f}{e['val_bpb']:>12.6f}{e['tokens']:>14,}{e['bytes']:>14,}")
+    s = r["size"]
+    verdict = "OK" if s["headroom"] >= 0 else "OVER THE CAP"
+    print(f"size: code {s['code_bytes']:,} + model {s['model_bytes']:,} = {s['total_bytes']:,} bytes "
+          f"(cap {s['cap_bytes']:,}, headroom {s['headroom']:,}): {verdict}")
+    if "boundaries" in r:
+        b = r["boundaries"]
+        print(f"boundaries: {b['tokens_per_chunk']:.2f} tokens per chunk, precision {b['precision']:.3f} and "
+              f"recall {b['recall']:.3f} on word starts, chunk length CV {b['chunk_len_cv']:.2f}")
+        print(f"chunks: {b['example']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        results, code = evaluate(args)
+    except (ValueError, OSError) as e:  # the trainers' ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "error" in results:
+        print(f"error: {results['error']}", file=sys.stderr)
+        return code
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_results(results)
+        if args.json:
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            os.replace(tmp, args.json)
+        if code == 4:
+            print(f"error: {args.artifact} makes the submission {results['size']['total_bytes']:,} bytes, "
+                  f"over the 16,000,000-byte cap", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Launch a study's named run, or, with no arguments, the CPU demo.
+
+    python train_hnet.py                          # CPU demo: study 02 on the embedded corpus
+    python train_hnet.py --list                   # every named run of every study
+    python train_hnet.py 02 byte260_10min         # a published run (torchrun on its nproc)
+    python train_hnet.py 02 byte260_10min SEED=7 --nproc 1 --dry-run
+
+A run's environment comes from the study's runs.json; KEY=VALUE arguments override it (change
+one thing, run again). Runs on one process execute in this process, so the demo can show the
+learned chunks afterwards; runs on several processes are handed to torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import eval_bpb
+
+ROOT = Path(__file__).resolve().parent
+STUDIES = ROOT / "studies"
+SAMPLE_DOCS = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
+SAMPLE_EXPORT = ROOT / "data" / "sample_export"
+
+
+def study_dir(name: str) -> Path:
+    matches = [d for d in sorted(STUDIES.iterdir()) if d.is_dir() and (d.name == name or d.name.startswith(name + "_"))]
+    if len(matches) != 1:
+        names = ", ".join(d.name for d in sorted(STUDIES.iterdir()) if d.is_dir())
+        raise SystemExit(f"error: study {name!r} matches {len(matches)} of: {names}")
+    return matches[0]
+
+
+def load_runs(study: Path) -> dict:
+    return json.loads((study / "runs.json").read_text())["runs"]
+
+
+def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
+    runs = load_runs(study)
+    if run not in runs:
+        raise SystemExit(f"error: {study.name}/runs.json has no run {run!r}; runs: {', '.join(runs)}")
+    env = dict(runs[run]["env"])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isupper():
+            raise SystemExit(f"error: override {item!r} is not KEY=VALUE")
+        env[key] = value
+    for key, value in env.items():  # paths in runs.json are relative to the repository root
+        if key in ("DATA_PATH", "TOKENIZER_PATH") and value.startswith("./"):
+            env[key] = str(ROOT / value)
+    return env, int(runs[run].get("nproc", 1))
+
+
+def ensure_sample_export() -> None:
+    """Export the embedded corpus to byte260 shards the first time the demo runs."""
+    if any((SAMPLE_EXPORT / "datasets" / "fineweb10B_byte260").glob("fineweb_val_*.bin")):
+        return
+    exporter = eval_bpb.load_trainer(ROOT / "data" / "download_hf_docs_and_tokenize.py")
+    t0 = time.time()
+    code = exporter.main(["--docs", str(SAMPLE_DOCS), "--output-root", str(SAMPLE_EXPORT),
+                          "--tokenizer-config", str(ROOT / "data" / "tokenizer_specs_byte260.json")])
+    if code:
+        raise SystemExit(f"error: exporting {SAMPLE_DOCS} failed (exit {code})")
+    print(f"exported the sample corpus to {SAMPLE_EXPORT} in {time.time() - t0:.1f}s")
+
+
+def run_in_process(study: Path, env: dict, demo: bool) -> int:
+    trainer = eval_bpb.load_trainer(study / "train_gpt.py")
+    try:
+        hp, warnings = trainer.Hyperparameters.from_env({**os.environ, **env})
+        for w in warnings:
+            print(f"WARNING: {w}", file=sys.stderr)
+        t0 = time.time()
+        run, metrics = trainer.run_training(hp, warnings)
+    except trainer.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except trainer.TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    if demo:
+        print_demo_summary(trainer, run, metrics, time.time() - t0)
+    return 4 if metrics["over_cap"] else 0
+
+
+def print_demo_summary(trainer, run, metrics: dict, seconds: float) -> None:
+    hp = run.hp
+    report = eval_bpb.boundary_report(trainer, run.model, hp, run.val_tokens, run.rt.device)
+    rt6 = metrics["int6_roundtrip"]
+    print("\n" + "=" * 80)
+    print(f"CPU demo done in {seconds:.0f}s: {run.step} steps, {hp.num_layers}x{hp.model_dim} H-Net "
+          f"(outer {hp.outer_layers}), {sum(p.numel() for p in run.model.parameters()):,} parameters")
+    print(f"val_bpb  float {metrics['float']['val_bpb']:.4f} | int8+zlib round trip "
+          f"{metrics['int8_roundtrip']['val_bpb']:.4f} | int6+zstd round trip {rt6['val_bpb']:.4f}"
+          + (f" | int6 sliding (stride {hp.eval_stride}) {metrics['int6_sliding']['val_bpb']:.4f}"
+             if "int6_sliding" in metrics else ""))
+    print(f"artifact {metrics['bytes_total']:,} bytes (code {metrics['bytes_code']:,}) of the 16,000,000 cap: "
+          f"{'under' if not metrics['over_cap'] else 'OVER'}")
+    print(f"router: {report['tokens_per_chunk']:.2f} bytes per chunk (target {hp.target_avg_chunk_len:g}); "
+          f"boundaries on word starts: precision {report['precision']:.3f}, recall {report['recall']:.3f}")
+    print(f"a validation paragraph in its learned chunks:\n{report['example']}")
+    print(f"run folder: {run.run_dir}")
+
+
+def list_runs() -> None:
+    for study in sorted(d for d in STUDIES.iterdir() if (d / "runs.json").is_file()):
+        for name, r in load_runs(study).items():
+            pub = r.get("published") or {}
+            bpb = f"published {pub['val_bpb']}" if "val_bpb" in pub else "not a published run"
+            print(f"{study.name[:2]} {name:<28} nproc {r.get('nproc', 1)}  {bpb}: {r.get('description', '')}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("study", nargs="?", help="study folder or its number prefix, e.g. 02")
+    p.add_argument("run", nargs="?", help="a run name from the study's runs.json")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE environment overrides")
+    p.add_argument("--nproc", type=int, help="processes (default: the run's nproc)")
+    p.add_argument("--list", action="store_true", help="list every named run")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    args = p.parse_args(argv)
+    if args.list:
+        list_runs()
+        return 0
+    demo = args.study is None
+    if demo or "=" in (args.study or ""):  # bare call, possibly with overrides: the demo
+        args.overrides = [a for a in (args.study, args.run) if a] + args.overrides
+        args.study, args.run = "02", "cpu_demo"
+    if args.run is None:
+        p.error("give a run name after the study (see --list)")
+    study = study_dir(args.study)
+    env, nproc = run_env(study, args.run, args.overrides)
+    nproc = args.nproc or nproc
+    trainer = study / "train_gpt.py"
+    cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(trainer)]
+    if args.dry_run:
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + " ".join(cmd))
+        return 0
+    if args.run == "cpu_demo":
+        ensure_sample_export()
+    if nproc == 1:
+        return run_in_process(study, env, demo=args.run == "cpu_demo")
+    os.execvpe(cmd[0], cmd, {**os.environ, **env})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
