@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     write_atomic(args.out_dir / f"{STEM}.jsonl.xz",
                  lzma.compress(lines.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
     meta = {
-        "docs": len(ordered),
+        "num_docs": len(ordered),
         "docs_val": len(val),
         "val_years": [val[0]["year"], val[-1]["year"]],
         "train_years": [train[0]["year"], train[-1]["year"]],
