@@ -26,3 +26,19 @@ def load_module(relpath: str, name: str | None = None):
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def write_shard(path, tokens) -> Path:
+    """Write a challenge-format shard with plain numpy, independently of the exporter:
+    256 little-endian int32 header (magic 20240520, version 1, token count), then the
+    tokens as little-endian uint16."""
+    import numpy as np
+
+    tokens = np.asarray(tokens)
+    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 65536))
+    header = np.zeros(256, dtype="<i4")
+    header[0], header[1], header[2] = 20240520, 1, tokens.size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    return path
