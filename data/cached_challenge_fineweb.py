@@ -8,9 +8,10 @@ tokens) and the tokenizer files with huggingface_hub, into the local layout the 
   -> data/datasets/fineweb10B_sp1024/fineweb_{val,train}_NNNNNN.bin, data/tokenizers/,
      data/manifest.json
 
-Remote `<subfolder>/<path>` lands at `<local-dir>/<path>`. A shard already on disk whose header
-and size agree is skipped, so an interrupted download resumes where it stopped. The official
-repo publishes sp1024 only; byte260 is built locally with download_hf_docs_and_tokenize.py.
+Remote `<subfolder>/<path>` lands at `<local-dir>/<path>`: each file is downloaded into
+`<local-dir>/.hf_download/` and moved into place once complete. A shard already in place whose
+header and size agree is skipped, so a rerun fetches only what is missing. The official repo
+publishes sp1024 only; byte260 is built locally with download_hf_docs_and_tokenize.py.
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TRAIN_SHARDS = 80
+STAGING = ".hf_download"
 
 
 def _load_exporter():
@@ -32,7 +33,6 @@ def _load_exporter():
     spec = importlib.util.spec_from_file_location(
         "download_hf_docs_and_tokenize", HERE / "download_hf_docs_and_tokenize.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -89,19 +89,15 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def place(cached: Path, destination: Path) -> None:
-    """Put a file from the Hugging Face cache at destination: a hard link where possible (no
-    second copy of 200 MB shards), else a copy; renamed into place so it appears whole."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
-        try:
-            os.link(cached.resolve(), tmp)
-        except OSError:
-            shutil.copyfile(cached, tmp)
-        os.replace(tmp, destination)
-    finally:
-        tmp.unlink(missing_ok=True)
+def fetch(args, relative: str) -> Path:
+    """Download `<subfolder>/<relative>` into the staging folder <local-dir>/.hf_download.
+    huggingface_hub writes there under a temp name and renames when complete; keeping its
+    downloads out of the shared cache means no second copy of each 200 MB shard."""
+    staging = Path(args.local_dir) / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / ".gitignore").write_text("*\n")
+    folder, _, name = remote_path(args.subfolder, relative).rpartition("/")
+    return exporter.hub_download(args.repo_id, name, folder or None, local_dir=staging)
 
 
 def download(args) -> tuple[int, int]:
@@ -117,7 +113,8 @@ def download(args) -> tuple[int, int]:
         f"{local_dir}/tokenizers here; or build shards from a local docs file: python "
         f"data/download_hf_docs_and_tokenize.py --docs FILE --output-root {local_dir} "
         f"--tokenizer-config data/tokenizer_specs_{args.variant}.json")
-    manifest_file = exporter.hub_download(args.repo_id, "manifest.json", args.subfolder or None)
+    # The staged manifest stays where huggingface_hub put it, so a rerun only revalidates it.
+    manifest_file = fetch(args, "manifest.json")
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -130,12 +127,14 @@ def download(args) -> tuple[int, int]:
         if is_complete(destination):
             skipped += 1
             continue
-        folder, _, name = remote_path(args.subfolder, relative).rpartition("/")
-        place(exporter.hub_download(args.repo_id, name, folder or None), destination)
+        staged = fetch(args, relative)
         if destination.suffix == ".bin":
-            exporter.shard_token_count(destination)  # a corrupt remote shard stops here
+            exporter.shard_token_count(staged)  # a corrupt remote shard stops here
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, destination)
         downloaded += 1
-    place(manifest_file, local_dir / "manifest.json")
+    with exporter.atomic_write(local_dir / "manifest.json") as f:
+        f.write(manifest_file.read_bytes())
     return downloaded, skipped
 
 

@@ -329,7 +329,13 @@ def tokenizer_training_lines(docs: Iterable[str], num_val_docs: int, include_val
 
 
 def train_sentencepiece(lines: Iterable[str], spec: TokenizerSpec, output_root: Path) -> dict:
-    """Train the BPE model of SPEC 3.2 and place its .model/.vocab files atomically."""
+    """Train the BPE model of SPEC 3.2 and write its .model and .vocab files atomically.
+
+    The text is staged in a temp file (a retry at lower coverage reads it again) and streamed
+    to the trainer, whose model goes to memory: no temp path ends up inside the model, so the
+    same text gives the same model bytes wherever it is exported."""
+    import io
+
     import sentencepiece as spm
 
     files = {key: output_root / rel for key, rel in spec.files.items()}
@@ -343,24 +349,33 @@ def train_sentencepiece(lines: Iterable[str], spec: TokenizerSpec, output_root: 
                 num_lines += 1
         if num_lines == 0:
             raise DataError(f"no training text for {spec.name}: the training split is empty")
-        spm.set_random_generator_seed(SP_SEED)
         for coverage in SP_COVERAGE_LADDER:
+            model = io.BytesIO()
+            spm.set_random_generator_seed(SP_SEED)
             try:
-                spm.SentencePieceTrainer.train(
-                    input=str(corpus), input_format="text", model_prefix=str(Path(tmp) / "sp"),
-                    model_type="bpe", vocab_size=spec.vocab_size, character_coverage=coverage,
-                    byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-                    add_dummy_prefix=False, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                    unk_id=UNK_ID, max_sentence_length=SP_MAX_SENTENCE_BYTES,
-                    num_threads=1, minloglevel=2)  # one thread: identical models run to run
+                with open(corpus, encoding="utf-8") as f:
+                    spm.SentencePieceTrainer.train(
+                        sentence_iterator=(line.rstrip("\n") for line in f), model_writer=model,
+                        model_type="bpe", vocab_size=spec.vocab_size,
+                        character_coverage=coverage, byte_fallback=True, split_digits=True,
+                        normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+                        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+                        max_sentence_length=SP_MAX_SENTENCE_BYTES,
+                        num_threads=1, minloglevel=2)  # one thread: identical models run to run
                 break
             except RuntimeError as e:
                 if "required_chars" not in str(e) or coverage == SP_COVERAGE_LADDER[-1]:
                     raise DataError(f"SentencePiece training for {spec.name} (vocab_size "
                                     f"{spec.vocab_size}, character_coverage {coverage}) "
                                     f"failed: {e}") from e
-        os.replace(Path(tmp) / "sp.model", files["model_path"])
-        os.replace(Path(tmp) / "sp.vocab", files["vocab_path"])
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    # The .vocab file SentencePiece itself writes: piece, tab, score (C++ "%g" formatting).
+    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
+                    for i in range(processor.vocab_size()))
+    with atomic_write(files["model_path"]) as f:
+        f.write(model.getvalue())
+    with atomic_write(files["vocab_path"]) as f:
+        f.write(vocab.encode("utf-8"))
     return {"lines": num_lines, "character_coverage": coverage}
 
 
@@ -595,17 +610,19 @@ def require_hub(what: str, remedy: str) -> None:
         raise HubUnavailableError(f"cannot fetch {what}: {reason}. {remedy}")
 
 
-def hub_download(repo_id: str, filename: str, subfolder: str | None,
-                 optional: bool = False) -> Path | None:
-    """Download one file of a dataset repo into the Hugging Face cache; return its path
-    (None when optional and the repo has no such file)."""
+def hub_download(repo_id: str, filename: str, subfolder: str | None, optional: bool = False,
+                 local_dir: Path | None = None) -> Path | None:
+    """Download one file of a dataset repo into the Hugging Face cache, or under local_dir
+    (at <local_dir>/<subfolder>/<filename>); return its path, or None when optional and the
+    repo has no such file."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
 
     remote = "/".join(p for p in (subfolder, filename) if p)
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename,
-                                    subfolder=subfolder or None, repo_type="dataset"))
+                                    subfolder=subfolder or None, repo_type="dataset",
+                                    local_dir=local_dir))
     except EntryNotFoundError as e:
         if optional:
             return None
