@@ -20,6 +20,7 @@ exporter, SentencePiece is trained on training documents only unless
 import argparse
 import contextlib
 import gzip
+import io
 import json
 import lzma
 import os
@@ -111,11 +112,12 @@ def shard_token_count(path) -> int:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
         raise ShardFormatError(f"{path}: cannot read shard ({e.strerror or e})") from e
-    if header.size < HEADER_INTS:
+    if len(raw) < HEADER_BYTES:
         raise ShardFormatError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.frombuffer(raw, dtype="<i4")
     if header[0] != SHARD_MAGIC:
         raise ShardFormatError(f"{path}: magic {header[0]}, expected {SHARD_MAGIC}")
     if header[1] != SHARD_VERSION:
@@ -161,9 +163,48 @@ class ShardWriter:
 
 # ---------------------------------------------------------------------------- documents
 
+class _ZstdFile(io.RawIOBase):
+    """Reads a .zst file (one or more frames). The zstandard package's own readers end
+    silently on a truncated file; this raises EOFError instead."""
+
+    def __init__(self, path):
+        self.chunks, self.pending = self._decompress(path), b""
+
+    @staticmethod
+    def _decompress(path) -> Iterator[bytes]:
+        import zstandard
+
+        frame, complete = zstandard.ZstdDecompressor().decompressobj(), True
+        with open(path, "rb") as f:
+            while data := f.read(1 << 20):
+                while data:
+                    yield frame.decompress(data)
+                    complete, data = frame.eof, frame.unused_data if frame.eof else b""
+                    if frame.eof:
+                        frame = zstandard.ZstdDecompressor().decompressobj()
+        if not complete:
+            raise EOFError("the zstd stream ends in the middle of a frame (truncated file?)")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            self.pending = next(self.chunks, None)
+            if self.pending is None:
+                self.pending = b""
+                return 0
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.chunks.close()
+        super().close()
+
+
 def _open_zstd(path, mode, encoding):
-    import zstandard
-    return zstandard.open(path, mode, encoding=encoding)
+    return io.TextIOWrapper(io.BufferedReader(_ZstdFile(path)), encoding=encoding)
 
 
 OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".zst": _open_zstd, ".zstd": _open_zstd}
@@ -192,6 +233,10 @@ class DocumentFile:
 
     def __iter__(self) -> Iterator[str]:
         opener = OPENERS.get(self.compression, open)
+        read_errors = (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError, ValueError)
+        if opener is _open_zstd:
+            import zstandard
+            read_errors += (zstandard.ZstdError,)  # corrupt data (not a subclass of the above)
         line_no = 0
         try:
             with opener(self.path, "rt", encoding="utf-8") as f:
@@ -201,7 +246,7 @@ class DocumentFile:
                             yield self._text_field(json.loads(line), line_no)
                 else:
                     yield from self._blank_line_blocks(f)
-        except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError, ValueError) as e:
+        except read_errors as e:
             where = f" line {line_no}" if line_no else ""
             raise DataError(f"{self.path}{where}: cannot read documents ({e})") from e
 

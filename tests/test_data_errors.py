@@ -1,9 +1,11 @@
 """Bad input to the exporter: each case exits non-zero with `error: ...` naming the file and
 what was expected, and leaves no manifest behind."""
+import gzip
 import json
 import lzma
 
 import pytest
+import zstandard
 
 from conftest import ROOT, load_module
 
@@ -35,9 +37,12 @@ def test_missing_docs_file(capsys, tmp_path):
     assert code == 1 and err.startswith("error: ") and "nope.jsonl: docs file not found" in err
 
 
-def test_corrupt_compressed_file(capsys, tmp_path):
-    path = tmp_path / "docs.jsonl.xz"
-    path.write_bytes(lzma.compress(b'{"text": "a"}\n' * 100)[:-40])  # truncated stream
+@pytest.mark.parametrize("suffix, compress", [
+    ("xz", lzma.compress), ("gz", gzip.compress), ("zst", zstandard.ZstdCompressor().compress),
+])
+def test_truncated_compressed_file(capsys, tmp_path, suffix, compress):
+    path = tmp_path / f"docs.jsonl.{suffix}"
+    path.write_bytes(compress(b'{"text": "some words"}\n' * 1000)[:-20])
     code, err = run(capsys, tmp_path, path)
     assert code == 1 and str(path) in err and "cannot read documents" in err
 

