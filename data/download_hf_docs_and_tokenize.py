@@ -497,6 +497,7 @@ def export(docs, output_root, tokenizer_specs, num_val_docs: int | None = None, 
     plan = ExportPlan(docs, label, Path(output_root), num_docs, num_val_docs, shard_size,
                       tokenizer_train_includes_val, tokenizer_train_docs, progress)
 
+    _forget_datasets(plan.output_root / "manifest.json", {s.dataset_name for s in tokenizer_specs})
     encoders, tokenizer_entries = build_tokenizers(plan, tokenizer_specs)
     datasets = write_datasets(plan, tokenizer_specs, encoders)
     manifest = {"num_docs": num_docs, "num_val_docs": num_val_docs, "shard_size": shard_size,
@@ -591,6 +592,18 @@ def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+def _forget_datasets(path: Path, names: set[str]) -> None:
+    """Drop the entries of datasets about to be rewritten from an existing manifest, so that
+    an interrupted export never leaves a manifest describing shards it had deleted."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old["datasets"] = [d for d in old["datasets"] if d.get("name") not in names]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return
+    with atomic_write(path) as f:
+        f.write((json.dumps(old, indent=2) + "\n").encode("utf-8"))
 
 
 def _merge_with_existing(path: Path, manifest: dict) -> dict:
@@ -737,14 +750,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     exported = {spec.dataset_name for spec in specs}
-    for dataset in manifest["datasets"]:
-        if dataset["name"] in exported:
-            s = dataset["stats"]
-            print(f"{args.output_root / dataset['path']}: "
-                  f"val {s['docs_val']} docs {s['tokens_val']:,} tokens ({s['files_val']} files), "
-                  f"train {s['docs_train']} docs {s['tokens_train']:,} tokens "
-                  f"({s['files_train']} files), "
-                  f"{(s['bytes_val'] + s['bytes_train']) / (s['tokens_val'] + s['tokens_train'] - manifest['num_docs']):.3f} bytes/token excluding BOS")
+    for dataset in (d for d in manifest["datasets"] if d["name"] in exported):
+        s = dataset["stats"]
+        print(f"{dataset['name']}: val {s['docs_val']} docs {s['tokens_val']:,} tokens "
+              f"{s['files_val']} files, train {s['docs_train']} docs {s['tokens_train']:,} tokens "
+              f"{s['files_train']} files, val bytes/token "
+              f"{s['bytes_val'] / max(1, s['tokens_val'] - s['docs_val']):.3f} (BOS excluded)")
     print(f"manifest: {args.output_root / 'manifest.json'}")
     return 0
 

@@ -222,3 +222,18 @@ def test_vocab_file_matches_the_one_sentencepiece_writes(tmp_path):
         minloglevel=2)
     ours = (tmp_path / "tokenizers" / "fineweb_300_bpe.vocab").read_text(encoding="utf-8")
     assert ours == (tmp_path / "reference.vocab").read_text(encoding="utf-8")
+
+
+def test_interrupted_reexport_leaves_no_manifest_entry_for_deleted_shards(tmp_path, monkeypatch):
+    docs = tiny_corpus()
+    ex.export(docs, tmp_path, BYTE_SPEC, num_val_docs=1, shard_size=1000, progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex.ShardWriter, "flush", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ex.export(docs, tmp_path, BYTE_SPEC, num_val_docs=1, shard_size=1000, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["datasets"] == []
+    assert not list(tmp_path.rglob("*.tmp"))
