@@ -69,9 +69,12 @@ def plan_files(manifest: dict, variant: str, train_shards: int, source: str) -> 
     files += [f"{folder}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     for key in ("model_path", "vocab_path", "path"):
         if tokenizer.get(key):
-            # Older manifests stored absolute paths of the exporting machine.
+            # An absolute path (where the exporting machine kept it) is looked up by its name.
             path = Path(tokenizer[key])
             files.append(tokenizer[key] if not path.is_absolute() else f"tokenizers/{path.name}")
+    for relative in files:
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise DataError(f"{source}: path {relative!r} would land outside the local folder")
     return files
 
 

@@ -239,3 +239,18 @@ def test_offline_failure_in_process_is_immediate(tmp_path, capsys):
     assert code == 1 and time.monotonic() - start < 2
     err = capsys.readouterr().err
     assert "docs_selected.jsonl" in err and "HF_HUB_OFFLINE" in err and "--docs" in err
+
+
+def test_plan_reads_files_from_the_manifest_and_keeps_them_inside(published):
+    cached = load_module("data/cached_challenge_fineweb.py")
+    manifest = json.loads(published["datasets/manifest.json"])
+    files = cached.plan_files(manifest, "sp1024", 1, "test manifest")
+    assert files == ["datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+                     "datasets/fineweb10B_sp1024/fineweb_val_000001.bin",
+                     "datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+                     "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
+    manifest["tokenizers"][0]["model_path"] = "/home/exporter/out/tokenizers/fineweb_1024_bpe.model"
+    assert "tokenizers/fineweb_1024_bpe.model" in cached.plan_files(manifest, "sp1024", 0, "m")
+    manifest["datasets"][0]["path"] = "../../elsewhere"
+    with pytest.raises(cached.DataError, match="outside the local folder"):
+        cached.plan_files(manifest, "sp1024", 0, "m")
