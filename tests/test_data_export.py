@@ -237,3 +237,19 @@ def test_interrupted_reexport_leaves_no_manifest_entry_for_deleted_shards(tmp_pa
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["datasets"] == []
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_cli_flag_lets_sentencepiece_read_validation(tmp_path):
+    docs = tmp_path / "tiny.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus()))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"tokenizers": [
+        {"name": "sp_bpe_300", "kind": "sentencepiece_bpe", "vocab_size": 300}]}))
+    for flag in ([], ["--tokenizer-train-includes-val"]):
+        out = tmp_path / ("with_val" if flag else "default")
+        assert ex.main(["--docs", str(docs), "--output-root", str(out), "--tokenizer-config",
+                        str(spec), "--num-val-docs", "1", *flag]) == 0
+        training = json.loads((out / "manifest.json").read_text())["tokenizers"][0]["training"]
+        assert training["includes_val"] == bool(flag) and training["docs"] == (31 if flag else 30)
+        sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / "fineweb_300_bpe.model"))
+        assert (sp.piece_to_id("z") != sp.unk_id()) == bool(flag)
