@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-def load_trainer(path: str | Path):
-    """Import a study's train_gpt.py by file path (trainers are self-contained, not a package)."""
+def import_file(path: str | Path):
+    """Import a repository file by path: trainers and data scripts are self-contained files, not a package."""
     path = Path(path).resolve()
     name = "trainer_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     if name in sys.modules:
@@ -172,7 +172,7 @@ def evaluate(args) -> tuple[dict, int]:
     if sha != payload["trainer"]["sha256"] and not args.ignore_hash:
         return {"error": f"{trainer_path} changed since the artifact was made (sha256 {sha[:12]} != "
                          f"{payload['trainer']['sha256'][:12]}); pass --ignore-hash to score it anyway"}, 3
-    trainer = load_trainer(trainer_path)
+    trainer = import_file(trainer_path)
     config = dict(payload["config"])
     overrides = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_stride": args.stride,
                  "val_max_tokens": args.val_max_tokens}
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
             os.replace(tmp, args.json)
         if code == 4:
             print(f"error: {args.artifact} makes the submission {results['size']['total_bytes']:,} bytes, "
-                  f"over the 16,000,000-byte cap", file=sys.stderr)
+                  f"over the {results['size']['cap_bytes']:,}-byte cap", file=sys.stderr)
     return code
 
 

@@ -57,10 +57,12 @@ def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
 
 
 def ensure_sample_export() -> None:
-    """Export the embedded corpus to byte260 shards the first time the demo runs."""
-    if any((SAMPLE_EXPORT / "datasets" / "fineweb10B_byte260").glob("fineweb_val_*.bin")):
+    """Export the embedded corpus to byte260 shards the first time the demo runs. The manifest is
+    written last, so an export it lists is complete."""
+    manifest = SAMPLE_EXPORT / "manifest.json"
+    if manifest.is_file() and any(d["name"] == "fineweb10B_byte260" for d in json.loads(manifest.read_text())["datasets"]):
         return
-    exporter = eval_bpb.load_trainer(ROOT / "data" / "download_hf_docs_and_tokenize.py")
+    exporter = eval_bpb.import_file(ROOT / "data" / "download_hf_docs_and_tokenize.py")
     t0 = time.time()
     code = exporter.main(["--docs", str(SAMPLE_DOCS), "--output-root", str(SAMPLE_EXPORT),
                           "--tokenizer-config", str(ROOT / "data" / "tokenizer_specs_byte260.json")])
@@ -70,7 +72,7 @@ def ensure_sample_export() -> None:
 
 
 def run_in_process(study: Path, env: dict, demo: bool) -> int:
-    trainer = eval_bpb.load_trainer(study / "train_gpt.py")
+    trainer = eval_bpb.import_file(study / "train_gpt.py")
     try:
         hp, warnings = trainer.Hyperparameters.from_env({**os.environ, **env})
         for w in warnings:

@@ -1,5 +1,4 @@
 """Shared test helpers: the repository root, trainer loading by file path, offline hub."""
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -7,20 +6,55 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval_bpb  # noqa: E402  (its import_file is how everything imports a trainer by path)
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
 
 
-def load_module(relpath: str, name: str | None = None):
-    """Import a repository file by path (trainers and data scripts are not a package)."""
-    path = ROOT / relpath
-    name = name or "m_" + path.stem.replace("-", "_") + "_" + str(abs(hash(str(path))))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_module(relpath: str):
+    """Import a repository file by path, the way eval_bpb.py does (trainers and data scripts are
+    not a package); the same path always gives the same module object."""
+    return eval_bpb.import_file(ROOT / relpath)
+
+
+def study02():
+    return load_module("studies/02_improved_hnet_byte260_and_sp1024/train_gpt.py")
+
+
+# A study-02 H-Net small enough for a 2-core CPU: runs take a second or two.
+TINY_ENV = {
+    "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "NUM_LAYERS": "4", "OUTER_LAYERS": "1",
+    "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "6", "WARMDOWN_ITERS": "3",
+    "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1",
+    "VAL_MAX_TOKENS": "4096", "EVAL_BATCH_SEQS": "16", "EVAL_STRIDE": "32", "GPTQ_CALIB_BATCHES": "2",
+    "KEEP_FLOAT_MAX_NUMEL": "256", "TARGET_AVG_CHUNK_LEN": "4",
+}
+
+
+def tiny_hparams(t, **overrides):
+    hp, _ = t.Hyperparameters.from_env({**TINY_ENV, **overrides})
+    return hp
+
+
+def run_tiny(t, data_dir: Path, out_dir: Path, **overrides):
+    """Train, export and evaluate a tiny model in this process; returns (run, metrics)."""
+    hp = tiny_hparams(t, DATA_PATH=str(data_dir), OUTPUT_DIR=str(out_dir), RUN_ID=out_dir.name, **overrides)
+    return t.run_training(hp)
+
+
+def export_docs(docs: Path, out: Path, spec: str = "byte260", extra: tuple = ()) -> Path:
+    exporter = load_module("data/download_hf_docs_and_tokenize.py")
+    code = exporter.main(["--docs", str(docs), "--output-root", str(out),
+                          "--tokenizer-config", str(ROOT / "data" / f"tokenizer_specs_{spec}.json"), *extra])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_byte260(tmp_path_factory) -> Path:
+    """The embedded corpus exported to byte260 shards; returns the dataset folder."""
+    out = export_docs(ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz", tmp_path_factory.mktemp("sample"))
+    return out / "datasets" / "fineweb10B_byte260"
 
 
 @pytest.fixture(scope="session")

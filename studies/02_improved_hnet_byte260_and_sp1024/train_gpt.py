@@ -751,6 +751,17 @@ class HNet(nn.Module):
             self.main = Stage(hp, hp.num_layers)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, dynamic_cap: bool = False) -> ModelOutput:
+        x, ratio, boundary_mask = self.hidden_states(input_ids, dynamic_cap)
+        loss = F.cross_entropy(self.logits(x).flatten(0, 1), target_ids.flatten(), reduction="none")
+        return ModelOutput(loss.view_as(target_ids), ratio, boundary_mask)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Tied head with the baseline's soft cap 30 * tanh(x / 30), in fp32."""
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        return self.hp.logit_softcap * torch.tanh(logits / self.hp.logit_softcap)
+
+    def hidden_states(self, input_ids: Tensor, dynamic_cap: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Final hidden states (B, L, D), the ratio loss and the boundary mask (None for a GPT)."""
         x = self.tok_emb(input_ids)
         ratio, boundary_mask = torch.zeros((), device=x.device), None
         if self.hp.is_hnet:
@@ -765,10 +776,7 @@ class HNet(nn.Module):
             ratio, boundary_mask = ratio_loss(router, self.hp.target_avg_chunk_len), router.boundary_mask
         else:
             x = self.main(x)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
-        logits = self.hp.logit_softcap * torch.tanh(logits / self.hp.logit_softcap)
-        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none")
-        return ModelOutput(loss.view_as(target_ids), ratio, boundary_mask)
+        return x, ratio, boundary_mask
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""The model: exact parameter counts, causality, the dynamic chunk cap."""
+import pytest
+import torch
+
+from conftest import study02, tiny_hparams
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, 22_966_880),  # study 02 byte260: 12 layers, OUTER_LAYERS 3, dim 512, KV 4
+    ({"VOCAB_SIZE": "1024", "NUM_LAYERS": "11", "TOKENIZER_PATH": "x.model"}, 21_520_472),  # study 02 sp1024
+    ({"VOCAB_SIZE": "1024", "NUM_LAYERS": "9", "OUTER_LAYERS": "0", "TOKENIZER_PATH": "x.model"}, 17_059_912),
+])
+def test_parameter_counts_match_the_spec(env, expected):
+    t = study02()
+    hp, _ = t.Hyperparameters.from_env(env)
+    with torch.device("meta"):
+        model = t.HNet(hp)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def trained_like(model, seed=0):
+    """Random non-zero weights everywhere (zero-init projections would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 2 else 1.0) + (1.0 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+@pytest.mark.parametrize("outer", [1, 0])
+def test_changing_later_bytes_never_changes_earlier_predictions(outer):
+    t = study02()
+    hp = tiny_hparams(t, OUTER_LAYERS=str(outer), TRAIN_SEQ_LEN="96", CHUNK_DIVISOR="2")
+    model = trained_like(t.HNet(hp))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(4, 260, (2, 96), generator=g)
+    with torch.no_grad():
+        base_h, _, base_mask = model.hidden_states(x)
+        base = model.logits(base_h)
+        changed_downstream = 0
+        for pos in (0, 5, 31, 62, 94):
+            x2 = x.clone()
+            x2[:, pos + 1:] = torch.randint(4, 260, x2[:, pos + 1:].shape, generator=g)
+            h2, _, mask2 = model.hidden_states(x2)
+            logits2 = model.logits(h2)
+            assert (logits2[:, :pos + 1] - base[:, :pos + 1]).abs().max() <= 1e-5, f"position {pos} saw the future"
+            assert not torch.equal(logits2[:, pos + 1:], base[:, pos + 1:])
+            if outer:
+                assert torch.equal(mask2[:, :pos + 1], base_mask[:, :pos + 1])
+                changed_downstream += int(not torch.equal(mask2[:, pos + 1:], base_mask[:, pos + 1:]))
+    if outer:
+        assert changed_downstream >= 3, "the test must move boundaries after the edit to mean anything"
+
+
+def test_dynamic_cap_equals_fixed_cap_unless_rows_are_truncated():
+    t = study02()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(4, 260, (4, 64), generator=g)
+    # chunk divisor 1: the fixed cap is the sequence length, nothing can be truncated
+    roomy = trained_like(t.HNet(tiny_hparams(t, TRAIN_SEQ_LEN="64", CHUNK_DIVISOR="1")))
+    with torch.no_grad():
+        fixed = roomy(x, x).loss
+        dynamic = roomy(x, x, dynamic_cap=True).loss
+        counts = roomy.hidden_states(x)[2].sum(1)
+    assert counts.max() < 64, "the dynamic cap must be smaller than the fixed one here"
+    assert torch.allclose(fixed, dynamic, atol=1e-5)
+    # divisor 16: cap 4 chunks, fewer than the boundaries: the fixed cap truncates, the dynamic one does not
+    tight = trained_like(t.HNet(tiny_hparams(t, TRAIN_SEQ_LEN="64", CHUNK_DIVISOR="16")))
+    with torch.no_grad():
+        assert tight.hidden_states(x)[2].sum(1).min() > 4
+        fixed = tight(x, x).loss
+        dynamic = tight(x, x, dynamic_cap=True).loss
+    assert not torch.allclose(fixed, dynamic, atol=1e-3)
+
+
+def test_ratio_loss_only_in_training_loss_not_in_eval_nats():
+    t = study02()
+    hp = tiny_hparams(t)
+    model = trained_like(t.HNet(hp))
+    x = torch.randint(4, 260, (2, 64))
+    with torch.no_grad():
+        out = model(x, x)
+        manual = torch.nn.functional.cross_entropy(model.logits(model.hidden_states(x)[0]).flatten(0, 1), x.flatten(),
+                                                   reduction="none")
+    assert out.ratio_loss.item() > 0
+    assert torch.allclose(out.loss.flatten(), manual, atol=1e-6)
