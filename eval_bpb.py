@@ -54,10 +54,10 @@ def read_payload(artifact: Path) -> dict:
 
 
 def find_trainer(record: dict) -> Path:
-    for base in (Path.cwd(), ROOT):
-        candidate = (base / record["path"]).resolve()
+    """Where the training ran from (cwd-relative), then this checkout's copy of the study."""
+    for candidate in (Path.cwd() / record["path"], ROOT / record["path"], ROOT / "studies" / record["study_file"]):
         if candidate.is_file():
-            return candidate
+            return candidate.resolve()
     raise ValueError(f"the trainer that made this artifact, {record['path']}, is not in this checkout")
 
 
@@ -109,6 +109,9 @@ def boundary_report(trainer, model, hp, val_tokens, device, max_tokens: int = 20
     counted &= tokens >= 4 if not hp.uses_sentencepiece else tokens > 3
     b, w = mask & counted, starts & counted
     hits = (b & w).sum().item()
+    # A router can also settle one byte off word starts (a consistent shift, still word-like
+    # units); precision against word starts moved by -1 and +1 tells that apart from noise.
+    shifted = {s: (b & torch.roll(w, s)).sum().item() / max(b.sum().item(), 1) for s in (-1, 1)}
     positions = torch.nonzero(mask).flatten()
     lengths = torch.diff(positions).float()
     return {
@@ -117,6 +120,8 @@ def boundary_report(trainer, model, hp, val_tokens, device, max_tokens: int = 20
         "tokens_per_chunk": counted.sum().item() / max(b.sum().item(), 1),
         "precision": hits / max(b.sum().item(), 1),
         "recall": hits / max(w.sum().item(), 1),
+        "precision_shift_minus1": shifted[-1],
+        "precision_shift_plus1": shifted[1],
         "chunk_len_cv": (lengths.std() / lengths.mean()).item() if lengths.numel() > 1 else float("nan"),
         "example": chunked_text(hp, tokens[:seq], mask[:seq]),
     }
@@ -216,7 +221,9 @@ def print_results(r: dict) -> None:
     if "boundaries" in r:
         b = r["boundaries"]
         print(f"boundaries: {b['tokens_per_chunk']:.2f} tokens per chunk, precision {b['precision']:.3f} and "
-              f"recall {b['recall']:.3f} on word starts, chunk length CV {b['chunk_len_cv']:.2f}")
+              f"recall {b['recall']:.3f} on word starts (precision one token before / after them "
+              f"{b['precision_shift_minus1']:.3f} / {b['precision_shift_plus1']:.3f}), "
+              f"chunk length CV {b['chunk_len_cv']:.2f}")
         print(f"chunks: {b['example']}")
 
 
@@ -227,6 +234,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # the trainers' ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # under torchrun
+            dist.destroy_process_group()
     if "error" in results:
         print(f"error: {results['error']}", file=sys.stderr)
         return code

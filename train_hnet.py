@@ -104,7 +104,9 @@ def print_demo_summary(trainer, run, metrics: dict, seconds: float) -> None:
     print(f"artifact {metrics['bytes_total']:,} bytes (code {metrics['bytes_code']:,}) of the 16,000,000 cap: "
           f"{'under' if not metrics['over_cap'] else 'OVER'}")
     print(f"router: {report['tokens_per_chunk']:.2f} bytes per chunk (target {hp.target_avg_chunk_len:g}); "
-          f"boundaries on word starts: precision {report['precision']:.3f}, recall {report['recall']:.3f}")
+          f"boundaries on word starts: precision {report['precision']:.3f}, recall {report['recall']:.3f} "
+          f"(one byte before / after word starts: precision {report['precision_shift_minus1']:.3f} / "
+          f"{report['precision_shift_plus1']:.3f})")
     print(f"a validation paragraph in its learned chunks:\n{report['example']}")
     print(f"run folder: {run.run_dir}")
 

@@ -42,6 +42,18 @@ def run_tiny(t, data_dir: Path, out_dir: Path, **overrides):
     return t.run_training(hp)
 
 
+SAMPLE = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
+
+
+def read_sample_docs() -> list[str]:
+    """The embedded corpus's documents, validation (2015-2021) first."""
+    import json
+    import lzma
+
+    with lzma.open(SAMPLE, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
 def export_docs(docs: Path, out: Path, spec: str = "byte260", extra: tuple = ()) -> Path:
     exporter = load_module("data/download_hf_docs_and_tokenize.py")
     code = exporter.main(["--docs", str(docs), "--output-root", str(out),
@@ -53,7 +65,7 @@ def export_docs(docs: Path, out: Path, spec: str = "byte260", extra: tuple = ())
 @pytest.fixture(scope="session")
 def sample_byte260(tmp_path_factory) -> Path:
     """The embedded corpus exported to byte260 shards; returns the dataset folder."""
-    out = export_docs(ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz", tmp_path_factory.mktemp("sample"))
+    out = export_docs(SAMPLE, tmp_path_factory.mktemp("sample"))
     return out / "datasets" / "fineweb10B_byte260"
 
 

@@ -1,20 +1,11 @@
 """Bits per byte: every target scored once, and the byte denominator equals the raw UTF-8 bytes."""
 import json
 import math
-import lzma
 
 import pytest
 import torch
 
-from conftest import ROOT, export_docs, study02, tiny_hparams
-
-SAMPLE = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
-
-
-def sample_docs():
-    with lzma.open(SAMPLE, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
-
+from conftest import ROOT, export_docs, read_sample_docs, study02, tiny_hparams
 
 @pytest.mark.parametrize("total, seq, stride", [(1000, 64, 64), (1000, 64, 16), (1001, 64, 7), (64, 64, 8),
                                                 (513, 128, 100), (5000, 512, 64)])
@@ -50,7 +41,7 @@ def test_byte260_denominator_is_the_raw_utf8_byte_count(sample_byte260):
     t = study02()
     hp = tiny_hparams(t)
     luts = t.build_byte_luts(hp, torch.device("cpu"))
-    docs = sample_docs()
+    docs = read_sample_docs()
     meta = json.loads((ROOT / "data" / "sample" / "sotu_1961_2021.meta.json").read_text())
     raw = sum(len(d.encode("utf-8")) for d in docs[:meta["docs_val"]])
     assert any(ord(c) > 127 for c in docs[0])  # the check covers multi-byte characters
@@ -67,7 +58,7 @@ def test_sp1024_denominator_is_the_raw_utf8_byte_count(tmp_path):
            "A line with tabs\tand, (parentheses) [brackets] {braces} #hash @at 100% ok?"]
     docs = tmp_path / "docs.jsonl"
     with open(docs, "w", encoding="utf-8") as f:
-        for text in val + sample_docs()[7:27]:
+        for text in val + read_sample_docs()[7:27]:
             f.write(json.dumps({"text": text}) + "\n")
     out = export_docs(docs, tmp_path / "export", "sp1024", ("--num-val-docs", str(len(val))))
     model = next((out / "tokenizers").glob("*.model"))
@@ -83,6 +74,8 @@ def test_sp1024_denominator_is_the_raw_utf8_byte_count(tmp_path):
     assert denominator(t, luts, tokens) == sum(len(normalize(v).encode("utf-8")) for v in val)
     assert sum(len(normalize(v).encode()) for v in stable) == sum(len(v.encode()) for v in stable)
     assert any(sp.is_byte(int(i)) for i in tokens)  # byte fallback was exercised
+    with pytest.raises(t.ConfigError, match=r"TOKENIZER_PATH=.*has vocab 1024 but VOCAB_SIZE=512"):
+        t.build_byte_luts(tiny_hparams(t, VOCAB_SIZE="512", TOKENIZER_PATH=str(model)), torch.device("cpu"))
 
 
 def test_evaluate_bpb_equals_a_hand_count(sample_byte260):

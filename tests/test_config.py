@@ -22,7 +22,8 @@ def test_values_are_typed():
 @pytest.mark.parametrize("env, match", [
     ({"MODEL_DIM": "5x12"}, "MODEL_DIM='5x12' is not a valid int"),
     ({"MATRIX_LR": "fast"}, "MATRIX_LR='fast' is not a valid float"),
-    ({"HNET_LR_DIF": "0.5"}, "unknown variable HNET_LR_DIF"),
+    ({"HNET_LR_DIF": "0.5"}, "unknown variable HNET_LR_DIF: did you mean HNET_LR_DIFF\\?"),
+    ({"OUTER_LAYER": "2"}, "unknown variable OUTER_LAYER: did you mean OUTER_LAYERS\\?"),
     ({"OUTER_LAYERS": "6"}, "OUTER_LAYERS=6 leaves no main stage"),
     ({"NUM_HEADS": "7"}, "MODEL_DIM=512 must divide by NUM_HEADS=7"),
     ({"VOCAB_SIZE": "70000"}, "uint16"),

@@ -10,18 +10,16 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from conftest import ROOT, load_module
+from conftest import ROOT, SAMPLE, load_module, read_sample_docs
 
 ex = load_module("data/download_hf_docs_and_tokenize.py")
-SAMPLE = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
 BYTE_SPEC = ROOT / "data" / "tokenizer_specs_byte260.json"
 SP_SPEC = ROOT / "data" / "tokenizer_specs_sp1024.json"
 
 
 @pytest.fixture(scope="module")
 def sample_docs():
-    with lzma.open(SAMPLE, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+    return read_sample_docs()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Two gloo processes under torchrun train to the same weights as one process with accumulation."""
+import json
 import os
 import re
 import subprocess
@@ -35,3 +36,20 @@ def test_two_processes_equal_one_process_with_accumulation(sample_byte260, tmp_p
     torch.manual_seed(1337)
     init = t.HNet(t.Hyperparameters.from_env(TINY_ENV)[0]).state_dict()
     assert max((one[k] - init[k]).abs().max().item() for k in one if one[k].numel()) > 1e-3  # the steps did move the weights
+
+
+def test_eval_bpb_under_torchrun_matches_one_process(sample_byte260, tmp_path):
+    t = study02()
+    _, metrics = run_tiny(t, sample_byte260, tmp_path / "run", ITERATIONS="2", GPTQ_CALIB_BATCHES="0")
+    artifact = tmp_path / "run" / "final_model.int6.ptz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "eval_bpb.py"), str(artifact), "--json", str(tmp_path / "two.json"),
+                           "--no-boundaries"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    # the windows are split across ranks and the float64 sums all-reduced: same targets, same bytes
+    assert two["roundtrip"]["tokens"] == metrics["int6_roundtrip"]["tokens"]
+    assert two["roundtrip"]["bytes"] == metrics["int6_roundtrip"]["bytes"]
+    assert abs(two["roundtrip"]["val_bpb"] - metrics["int6_roundtrip"]["val_bpb"]) < 1e-9
+    assert abs(two["sliding"]["val_bpb"] - metrics["int6_sliding"]["val_bpb"]) < 1e-9

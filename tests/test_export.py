@@ -44,16 +44,21 @@ def test_pruning_zeroes_the_smallest_fraction():
     assert torch.equal(pruned[pruned != 0], q[pruned != 0])
 
 
-def test_fake_quantisation_matches_the_exported_int6_and_passes_gradients():
+def test_late_qat_forward_sees_the_exported_int6_and_passes_gradients():
     t = study02()
-    lin = t.CastedLinear(16, 8)
+    model = torch.nn.Sequential(t.CastedLinear(16, 8))
+    lin = model[0]
     x = torch.randn(4, 16)
     q, s = t.quantize_int6_rows(lin.weight.detach())
-    lin.qat.fill_(1.0)
+    t.refresh_qat(model, True)
     y = lin(x)
-    assert torch.allclose(y, x @ (q.float() * s.float()[:, None]).T, atol=1e-3)
+    assert torch.allclose(y, x @ (q.float() * s.float()[:, None]).T, atol=1e-5)
+    assert not torch.allclose(y, x @ lin.weight.T, atol=1e-5)  # the int6 grid is not the float weight
     (g,) = torch.autograd.grad(y.sum(), lin.weight)
     assert torch.allclose(g, x.sum(0).expand(8, 16))  # straight-through: the float weight's gradient
+    assert torch.equal(lin.eval()(x), x @ lin.weight.T)  # evaluation always uses the weight itself
+    t.refresh_qat(model, False)
+    assert torch.equal(lin.train()(x), x @ lin.weight.T)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int6"])

@@ -37,10 +37,13 @@ def test_a_short_run_learns(sample_byte260, tmp_path):
 
 def test_resume_continues_exactly(sample_byte260, tmp_path):
     t = study02()
-    run_tiny(t, sample_byte260, tmp_path / "straight", ITERATIONS="6", CHECKPOINT_EVERY="3")
+    # late QAT switches on at step 5 (LR multiplier 2/3 < 0.9), after the resume point
+    run_tiny(t, sample_byte260, tmp_path / "straight", ITERATIONS="6", CHECKPOINT_EVERY="3", LATE_QAT_THRESHOLD="0.9")
     checkpoint = tmp_path / "straight" / "checkpoints" / "step_000003.pt"
     assert checkpoint.is_file()
-    run_tiny(t, sample_byte260, tmp_path / "resumed", ITERATIONS="6", RESUME_FROM=str(checkpoint))
+    run_tiny(t, sample_byte260, tmp_path / "resumed", ITERATIONS="6", RESUME_FROM=str(checkpoint),
+             LATE_QAT_THRESHOLD="0.9")
+    assert "late_qat: on from step 5" in (tmp_path / "resumed" / "train.log").read_text()
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
@@ -50,10 +53,25 @@ def test_resume_continues_exactly(sample_byte260, tmp_path):
 
 def test_compile_priming_steps_leave_no_trace(sample_byte260, tmp_path):
     t = study02()
-    run_tiny(t, sample_byte260, tmp_path / "plain", ITERATIONS="3")
-    run_tiny(t, sample_byte260, tmp_path / "primed", ITERATIONS="3", WARMUP_STEPS="2")
+    run_tiny(t, sample_byte260, tmp_path / "plain", ITERATIONS="3", EMA_DECAY="0.5")
+    run_tiny(t, sample_byte260, tmp_path / "primed", ITERATIONS="3", EMA_DECAY="0.5", WARMUP_STEPS="2")
     a, b = final_state(tmp_path / "plain"), final_state(tmp_path / "primed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_weights_are_the_exponential_average_of_the_steps(sample_byte260, tmp_path):
+    t = study02()
+    run_tiny(t, sample_byte260, tmp_path / "ema", ITERATIONS="3", EMA_DECAY="0.5", CHECKPOINT_EVERY="1")
+    torch.manual_seed(1337)
+    w = [t.HNet(tiny_hparams(t)).state_dict()]
+    for step in (1, 2, 3):
+        path = tmp_path / "ema" / "checkpoints" / f"step_{step:06d}.pt"
+        w.append(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    final = final_state(tmp_path / "ema")
+    for k in final:  # e3 = w0/8 + w1/8 + w2/4 + w3/2
+        expected = 0.125 * w[0][k] + 0.125 * w[1][k] + 0.25 * w[2][k] + 0.5 * w[3][k]
+        assert torch.allclose(final[k], expected, atol=1e-6), k
+    assert not torch.allclose(final["tok_emb.weight"], w[3]["tok_emb.weight"])
 
 
 def test_a_nan_loss_stops_without_applying_the_update(sample_byte260, tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ OWN_PREFIXES = ("HNET_", "GPTQ_", "EVAL_", "TRAIN_", "VAL_", "MUON_", "LATE_QAT_
 @dataclass
 class Hyperparameters:
     # data and outputs
-    data_path: str = "./data/datasets/fineweb10B_byte260"
+    data_path: str = "./data/byte260_export/datasets/fineweb10B_byte260"
     tokenizer_path: str = ""  # "" or a .json: byte260; a .model file: SentencePiece
     vocab_size: int = 260
     run_id: str = ""  # default: a fresh timestamped id
@@ -139,11 +139,12 @@ class Hyperparameters:
         for name in env:
             if name in known:
                 continue
-            if name.startswith(OWN_PREFIXES):
-                raise ConfigError(f"unknown variable {name}; known ones are the fields of Hyperparameters")
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.88)
+            hint = f": did you mean {close[0]}?" if close else " (see the fields of Hyperparameters)"
+            if name.startswith(OWN_PREFIXES):
+                raise ConfigError(f"unknown variable {name}{hint}")
             if close:
-                warnings.append(f"{name} is not a known variable: did you mean {close[0]}?")
+                warnings.append(f"{name} is not a known variable{hint}")
         hp = cls(**values)
         hp.check()
         return hp, warnings
@@ -358,8 +359,9 @@ def code_bytes() -> int:
 
 
 def trainer_record() -> dict:
-    data = Path(__file__).read_bytes()
-    return {"path": os.path.relpath(Path(__file__).resolve(), Path.cwd()), "sha256": hashlib.sha256(data).hexdigest()}
+    here = Path(__file__).resolve()
+    return {"path": os.path.relpath(here, Path.cwd()), "study_file": f"{here.parent.name}/{here.name}",
+            "sha256": hashlib.sha256(here.read_bytes()).hexdigest()}
 
 
 def keep_small(name: str, t: Tensor) -> Tensor:
@@ -375,7 +377,7 @@ def quantize_int8_rows(w: Tensor, clip_quantile: float = INT8_CLIP_QUANTILE) -> 
 
 
 def quantize_int6_rows(w: Tensor, clip_quantile: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest per-row int6 (no Hessian); the fallback and the late-QAT forward."""
+    """Round-to-nearest per-row int6: the export without a Hessian, and late QAT's forward."""
     w = w.float()
     clip = (w.abs().amax(dim=1) if clip_quantile >= 1.0 else torch.quantile(w.abs(), clip_quantile, dim=1))
     scale = (clip.clamp_min(1e-12) / INT6_MAX).half()
@@ -613,26 +615,20 @@ def load_validation_tokens(hp: Hyperparameters) -> Tensor:
 # An H-Net runs three stages (encoder, main, decoder); OUTER_LAYERS=0 runs one (a plain GPT).
 # ----------------------------------------------------------------------------------------------
 
-def fake_quantize_int6(w: Tensor) -> Tensor:
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT6_MAX
-    return torch.clamp(torch.round(w / scale), -INT6_MAX, INT6_MAX) * scale
-
-
 class CastedLinear(nn.Linear):
-    """Bias-free linear with fp32 master weights cast to the activation dtype. Late QAT sets the
-    `qat` buffer to 1 (a tensor, so compiled graphs need no recompile) and the forward then sees
-    int6 weights while gradients pass straight through to the float ones."""
+    """Bias-free linear with fp32 master weights cast to the activation dtype. Late QAT: the
+    `qat_delta` buffer holds (int6 rounding of the weight) - (weight), refreshed once per optimizer
+    step, zeros before QAT. The training forward adds it, so it sees int6 weights while gradients
+    reach the float ones (straight through); a buffer, so compiled graphs need no recompile."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.register_buffer("qat", torch.zeros(()), persistent=False)
         if zero_init:
             nn.init.zeros_(self.weight)
+        self.register_buffer("qat_delta", torch.zeros_like(self.weight), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if self.training:
-            w = w + self.qat * (fake_quantize_int6(w) - w).detach()
+        w = self.weight + self.qat_delta if self.training else self.weight
         return F.linear(x, w.to(x.dtype))
 
 
@@ -961,6 +957,7 @@ class Run:
     step: int = 0
     training_time_ms: float = 0.0
     ema: dict | None = None
+    qat: bool = False
     signal_received: int = 0
 
 
@@ -1014,10 +1011,16 @@ def all_reduce_grads(model: nn.Module, rt: Runtime) -> None:
         offset += p.numel()
 
 
-def set_qat(model: nn.Module, on: bool) -> None:
+@torch.no_grad()
+def refresh_qat(model: nn.Module, on: bool) -> None:
+    """Point every linear's training forward at its current int6 rounding (on) or at itself (off)."""
     for m in model.modules():
         if isinstance(m, CastedLinear):
-            m.qat.fill_(1.0 if on else 0.0)
+            if on:
+                q, scale = quantize_int6_rows(m.weight)
+                m.qat_delta.copy_(q.float() * scale.float()[:, None] - m.weight)
+            else:
+                m.qat_delta.zero_()
 
 
 def train_step(run: Run) -> Tensor:
@@ -1052,6 +1055,8 @@ def train_step(run: Run) -> Tensor:
             group["lr"] = group["base_lr"] * mul
         opt.step()
     run.model.zero_grad(set_to_none=True)
+    if run.qat:
+        refresh_qat(run.model, True)
     if run.ema is not None:
         with torch.no_grad():
             for name, p in run.model.state_dict().items():
@@ -1066,7 +1071,7 @@ def checkpoint_state(run: Run) -> dict:
     return {"model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
             "loader": run.loader.stream.state(), "step": run.step, "training_time_ms": run.training_time_ms,
             "rng": rng, "config": asdict(run.hp), "ema": run.ema,
-            "qat": any(m.qat.item() > 0 for m in run.model.modules() if isinstance(m, CastedLinear))}
+            "qat": run.qat}
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -1100,7 +1105,8 @@ def load_checkpoint(run: Run, path: str) -> None:
         opt.load_state_dict(s)
     run.loader.stream.load_state(state["loader"])
     run.step, run.training_time_ms, run.ema = state["step"], state["training_time_ms"], state["ema"]
-    set_qat(run.model, state["qat"])
+    run.qat = state["qat"]
+    refresh_qat(run.model, run.qat)
     torch.set_rng_state(state["rng"]["torch"].cpu())
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
@@ -1115,14 +1121,14 @@ def prime_compile(run: Run) -> None:
     if run.hp.warmup_steps <= 0:
         return
     snapshot = copy.deepcopy({"model": run.model.state_dict(), "opt": [o.state_dict() for o in run.optimizers],
-                              "loader": run.loader.stream.state(), "step": run.step})
+                              "loader": run.loader.stream.state(), "step": run.step, "ema": run.ema})
     for _ in range(run.hp.warmup_steps):
         train_step(run)
     run.model.load_state_dict(snapshot["model"])
     for opt, s in zip(run.optimizers, snapshot["opt"]):
         opt.load_state_dict(s)
     run.loader.stream.load_state(snapshot["loader"])
-    run.step = snapshot["step"]
+    run.step, run.ema = snapshot["step"], snapshot["ema"]
     run.model.zero_grad(set_to_none=True)
     run.log(f"warmup_steps:{run.hp.warmup_steps} done (undone: weights, optimisers, data restored)")
 
@@ -1138,8 +1144,10 @@ def train(run: Run) -> None:
                 f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / max(run.step, 1):.2f}ms")
         if last:
             break
-        if hp.late_qat_threshold > 0 and lr_multiplier(hp, run.step, run.training_time_ms) < hp.late_qat_threshold:
-            set_qat(run.model, True)
+        if not run.qat and lr_multiplier(hp, run.step, run.training_time_ms) < hp.late_qat_threshold:
+            run.qat = True
+            refresh_qat(run.model, True)
+            log(f"late_qat: on from step {run.step + 1}")
         rt.sync()
         t0 = time.perf_counter()
         stats = train_step(run)
@@ -1221,7 +1229,7 @@ def export_and_evaluate(run: Run) -> dict:
     if run.ema is not None:
         run.model.load_state_dict({k: v.to(run.model.state_dict()[k].dtype) for k, v in run.ema.items()})
         log(f"ema: loaded EMA weights (decay {hp.ema_decay})")
-    set_qat(run.model, False)
+    refresh_qat(run.model, False)
     if rt.master:
         save_atomic(run.model.state_dict(), run.run_dir / "final_model.pt")
     metrics = {}
