@@ -156,19 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse printed the problem; return its code to in-process callers
-        return int(e.code or 0)
-    try:
-        downloaded, skipped = download(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exporter.run_cli(build_parser(), argv, download_and_report)
+
+
+def download_and_report(args) -> None:
+    downloaded, skipped = download(args)
     print(f"fineweb10B_{args.variant}: {downloaded} files downloaded, {skipped} already "
           f"complete, in {args.local_dir}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -726,29 +726,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def run_cli(parser: argparse.ArgumentParser, argv, action) -> int:
+    """Both data scripts' entry: parse argv, run action(args); a DataError prints `error: ...` and
+    gives 1, a bad flag gives argparse's 2, returned (not raised) for in-process callers."""
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse printed the problem; return its code to in-process callers
+    except SystemExit as e:  # argparse printed the problem
         return int(e.code or 0)
     try:
-        specs = load_tokenizer_specs(args.tokenizer_config)
-        source = None
-        if args.docs is not None:
-            docs = DocumentFile(args.docs)
-        else:
-            docs = fetch_hub_docs(args.repo_id, args.subfolder)
-            source = {"docs": f"hf://datasets/{args.repo_id}/"
-                              + "/".join(p for p in (args.subfolder, HUB_DOCS_NAME) if p),
-                      "repo_id": args.repo_id, "subfolder": args.subfolder}
-        manifest = export(docs, args.output_root, specs, args.num_val_docs,
-                          shard_size=args.shard_size,
-                          tokenizer_train_includes_val=args.tokenizer_train_includes_val,
-                          tokenizer_train_docs=args.tokenizer_train_docs, source=source)
+        action(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), argv, export_from_args)
+
+
+def export_from_args(args) -> None:
+    """The exporter's CLI: documents (hub or --docs) -> tokenizers -> shards, then a summary."""
+    specs = load_tokenizer_specs(args.tokenizer_config)
+    source = None
+    if args.docs is not None:
+        docs = DocumentFile(args.docs)
+    else:
+        docs = fetch_hub_docs(args.repo_id, args.subfolder)
+        source = {"docs": f"hf://datasets/{args.repo_id}/"
+                          + "/".join(p for p in (args.subfolder, HUB_DOCS_NAME) if p),
+                  "repo_id": args.repo_id, "subfolder": args.subfolder}
+    manifest = export(docs, args.output_root, specs, args.num_val_docs,
+                      shard_size=args.shard_size,
+                      tokenizer_train_includes_val=args.tokenizer_train_includes_val,
+                      tokenizer_train_docs=args.tokenizer_train_docs, source=source)
     exported = {spec.dataset_name for spec in specs}
     for dataset in (d for d in manifest["datasets"] if d["name"] in exported):
         s = dataset["stats"]
@@ -757,7 +768,6 @@ def main(argv=None) -> int:
               f"{s['files_train']} files, val bytes/token "
               f"{s['bytes_val'] / max(1, s['tokens_val'] - s['docs_val']):.3f} (BOS excluded)")
     print(f"manifest: {args.output_root / 'manifest.json'}")
-    return 0
 
 
 if __name__ == "__main__":

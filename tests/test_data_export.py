@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from conftest import ROOT, SAMPLE, load_module, read_sample_docs
+from conftest import ROOT, SAMPLE, export_docs, load_module, read_sample_docs
 
 ex = load_module("data/download_hf_docs_and_tokenize.py")
 BYTE_SPEC = ROOT / "data" / "tokenizer_specs_byte260.json"
@@ -23,19 +23,13 @@ def sample_docs():
 
 
 @pytest.fixture(scope="module")
-def byte_export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("byte260")
-    assert ex.main(["--docs", str(SAMPLE), "--output-root", str(root), "--tokenizer-config",
-                    str(BYTE_SPEC), "--shard-size", "200000"]) == 0
-    return root
+def byte_export(tmp_path_factory):  # several shards per split
+    return export_docs(SAMPLE, tmp_path_factory.mktemp("byte260"), "byte260", ("--shard-size", "200000"))
 
 
 @pytest.fixture(scope="module")
 def sp_export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp1024")
-    assert ex.main(["--docs", str(SAMPLE), "--output-root", str(root), "--tokenizer-config",
-                    str(SP_SPEC), "--shard-size", "100000"]) == 0
-    return root
+    return export_docs(SAMPLE, tmp_path_factory.mktemp("sp1024"), "sp1024", ("--shard-size", "100000"))
 
 
 def split_documents(stream: np.ndarray) -> list[np.ndarray]:
