@@ -115,7 +115,7 @@ def list_runs() -> None:
     for study in sorted(d for d in STUDIES.iterdir() if (d / "runs.json").is_file()):
         for name, r in load_runs(study).items():
             pub = r.get("published") or {}
-            bpb = f"published {pub['val_bpb']}" if "val_bpb" in pub else "not a published run"
+            bpb = f"published {pub['val_bpb']:.4f}" if "val_bpb" in pub else "not a published run"
             print(f"{study.name[:2]} {name:<28} nproc {r.get('nproc', 1)}  {bpb}: {r.get('description', '')}")
 
 

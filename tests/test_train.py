@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ENV, run_tiny, study02, tiny_hparams, write_shard
+from conftest import ROOT, SAMPLE, TINY_ENV, export_docs, run_tiny, study02, tiny_hparams, write_shard
 
 
 def final_state(run_dir):
@@ -140,3 +140,16 @@ def test_tokenizer_that_does_not_match_vocab_size(tmp_path):
     hp = tiny_hparams(t, VOCAB_SIZE="512")
     with pytest.raises(t.ConfigError, match="VOCAB_SIZE=512 but TOKENIZER_PATH=.* means byte260"):
         t.build_byte_luts(hp, torch.device("cpu"))
+
+
+def test_the_same_trainer_reads_sp1024_shards_and_tokenizer(tmp_path):
+    """The sample exported with SentencePiece trains and scores through the same code."""
+    t = study02()
+    out = export_docs(SAMPLE, tmp_path / "sp", "sp1024")
+    model = next((out / "tokenizers").glob("*.model"))
+    run, metrics = run_tiny(t, out / "datasets" / "fineweb10B_sp1024", tmp_path / "run", ITERATIONS="4",
+                            VOCAB_SIZE="1024", TOKENIZER_PATH=str(model), VAL_MAX_TOKENS="2048")
+    assert run.model.tok_emb.weight.shape[0] == 1024
+    res = metrics["int6_roundtrip"]
+    assert res["tokens"] == 2048 and 2.0 < res["bytes"] / res["tokens"] < 3.5  # about 2.7 bytes per sp1024 token
+    assert 0 < res["val_bpb"] < 8
