@@ -13,6 +13,7 @@ input, 3 trainer changed since the artifact was made, 4 artifact over the size c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -182,7 +183,7 @@ def evaluate(args) -> tuple[dict, int]:
     overrides = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_stride": args.stride,
                  "val_max_tokens": args.val_max_tokens}
     config.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in trainer.fields(trainer.Hyperparameters)}
+    known = {f.name for f in dataclasses.fields(trainer.Hyperparameters)}
     hp = trainer.Hyperparameters(**{k: v for k, v in config.items() if k in known})
     hp.check()
     rt = trainer.setup_device(hp)
