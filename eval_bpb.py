@@ -38,7 +38,8 @@ def import_file(path: str | Path):
 
 
 def read_payload(artifact: Path) -> dict:
-    """Just enough to find the trainer: the trainer itself re-reads and validates the file."""
+    """Decompress (zstd or zlib, told by the magic bytes) and unpickle tensors and plain data only.
+    The trainers write the same container; reading it here is how we learn which trainer to use."""
     import io
     import zlib
 
@@ -49,9 +50,11 @@ def read_payload(artifact: Path) -> dict:
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == b"\x28\xb5\x2f\xfd" else zlib.decompress(blob)
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        return {"trainer": payload["trainer"], "config": payload["config"]}
     except Exception as e:
         raise ValueError(f"{artifact}: not a readable artifact (corrupt or truncated?): {e}") from None
+    if not isinstance(payload, dict) or not {"trainer", "config", "tensors"} <= payload.keys():
+        raise ValueError(f"{artifact}: decompressed, but it is not a trainer's artifact")
+    return payload
 
 
 def find_trainer(record: dict) -> Path:
@@ -187,11 +190,10 @@ def evaluate(args) -> tuple[dict, int]:
     hp = trainer.Hyperparameters(**{k: v for k, v in config.items() if k in known})
     hp.check()
     rt = trainer.setup_device(hp)
-    full = trainer.read_artifact(args.artifact)
-    model = trainer.model_from_payload(full, rt.device)
+    model = trainer.model_from_payload(payload, rt.device)
     luts = trainer.build_byte_luts(hp, rt.device)
     val_tokens = trainer.load_validation_tokens(hp)
-    results = {"artifact": str(args.artifact), "trainer": str(trainer_path), "format": full["format"]}
+    results = {"artifact": str(args.artifact), "trainer": str(trainer_path), "format": payload["format"]}
     res = trainer.evaluate_bpb(model, rt, hp, val_tokens, luts)
     results["roundtrip"] = res._asdict()
     if args.sliding:
