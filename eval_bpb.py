@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -72,17 +73,23 @@ def find_trainer(record: dict) -> Path:
 WHITESPACE = set(b" \t\n\r\f\v")
 
 
+@functools.lru_cache(maxsize=4)
+def sentencepiece_pieces(model_file: str) -> tuple[str, ...]:
+    """Every piece of a SentencePiece model, by id (read once per model file)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    return tuple(sp.id_to_piece(i) for i in range(sp.vocab_size()))
+
+
 def word_starts(trainer, hp, tokens):
     """Per token: does it begin a word? byte260: a non-space byte after whitespace;
     SentencePiece: a piece with a leading "▁"."""
     import torch
 
     if hp.uses_sentencepiece:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
-        lead = torch.tensor([sp.id_to_piece(i).startswith("\u2581") and len(sp.id_to_piece(i)) > 1
-                             for i in range(hp.vocab_size)])
+        pieces = sentencepiece_pieces(hp.tokenizer_path)
+        lead = torch.tensor([p.startswith("\u2581") and len(p) > 1 for p in pieces])
         return lead[tokens]
     space = torch.zeros(hp.vocab_size, dtype=torch.bool)
     space[[b + 4 for b in WHITESPACE]] = True
@@ -134,10 +141,8 @@ def boundary_report(trainer, model, hp, val_tokens, device, max_tokens: int = 20
 def chunked_text(hp, tokens, mask, max_chars: int = 600) -> str:
     """Render tokens as [chunk][chunk]... starting at the first word start after position 0."""
     if hp.uses_sentencepiece:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
-        pieces = [sp.id_to_piece(int(t)).replace("\u2581", " ") for t in tokens]
+        vocab = sentencepiece_pieces(hp.tokenizer_path)
+        pieces = [vocab[int(t)].replace("\u2581", " ") for t in tokens]
     else:
         pieces = [bytes([int(t) - 4]) if t >= 4 else b"" for t in tokens]
     out, current = [], []

@@ -28,9 +28,11 @@ def test_too_little_validation_is_an_error():
         t.eval_windows(63, 64, 64)
 
 
-def val_tokens_of(dataset_dir):
+def val_tokens_of(dataset_dir, **env):
+    """All validation tokens, read by the trainer's own loader (no VAL_MAX_TOKENS cut)."""
     t = study02()
-    return torch.cat([t.load_data_shard(p) for p in sorted(dataset_dir.glob("fineweb_val_*.bin"))]).long()
+    hp = tiny_hparams(t, DATA_PATH=str(dataset_dir), VAL_MAX_TOKENS="0", **env)
+    return t.load_validation_tokens(hp).long()
 
 
 def denominator(t, luts, tokens):
@@ -70,7 +72,7 @@ def test_sp1024_denominator_is_the_raw_utf8_byte_count(tmp_path):
     assert len(stable) >= 3, "the test text must survive normalisation"
     hp = tiny_hparams(t, VOCAB_SIZE="1024", TOKENIZER_PATH=str(model))
     luts = t.build_byte_luts(hp, torch.device("cpu"))
-    tokens = val_tokens_of(out / "datasets" / "fineweb10B_sp1024")
+    tokens = val_tokens_of(out / "datasets" / "fineweb10B_sp1024", VOCAB_SIZE="1024", TOKENIZER_PATH=str(model))
     assert denominator(t, luts, tokens) == sum(len(normalize(v).encode("utf-8")) for v in val)
     assert sum(len(normalize(v).encode()) for v in stable) == sum(len(v.encode()) for v in stable)
     assert any(sp.is_byte(int(i)) for i in tokens)  # byte fallback was exercised

@@ -1089,17 +1089,8 @@ SHAPE_FIELDS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mul
                 "train_seq_len", "train_batch_tokens", "chunk_divisor")
 
 
-def load_checkpoint(run: Run, path: str) -> None:
-    if not os.path.isfile(path):
-        raise ConfigError(f"RESUME_FROM={path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location=run.rt.device, weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"RESUME_FROM={path}: unreadable checkpoint: {e}") from None
-    for name in SHAPE_FIELDS:
-        if state["config"][name] != getattr(run.hp, name):
-            raise ConfigError(f"RESUME_FROM={path} was trained with {name.upper()}={state['config'][name]}, "
-                              f"this run has {getattr(run.hp, name)}")
+def restore_state(run: Run, state: dict) -> None:
+    """Put a checkpoint_state() back: weights, optimisers, data position, clock, EMA, QAT, RNG."""
     run.model.load_state_dict(state["model"])
     for opt, s in zip(run.optimizers, state["optimizers"]):
         opt.load_state_dict(s)
@@ -1112,25 +1103,34 @@ def load_checkpoint(run: Run, path: str) -> None:
     random.setstate(state["rng"]["python"])
     if run.rt.is_cuda and "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+
+
+def load_checkpoint(run: Run, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"RESUME_FROM={path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=run.rt.device, weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"RESUME_FROM={path}: unreadable checkpoint: {e}") from None
+    for name in SHAPE_FIELDS:
+        if state["config"][name] != getattr(run.hp, name):
+            raise ConfigError(f"RESUME_FROM={path} was trained with {name.upper()}={state['config'][name]}, "
+                              f"this run has {getattr(run.hp, name)}")
+    restore_state(run, state)
     run.log(f"resumed_from:{path} step:{run.step} train_time:{run.training_time_ms:.0f}ms")
 
 
 def prime_compile(run: Run) -> None:
     """Run WARMUP_STEPS real steps so compilation and allocator warm-up happen off the clock, then
-    restore weights, optimiser state and data position: the steps leave no trace."""
+    restore everything a checkpoint holds (weights, optimisers, data position, ...): no trace."""
     if run.hp.warmup_steps <= 0:
         return
-    snapshot = copy.deepcopy({"model": run.model.state_dict(), "opt": [o.state_dict() for o in run.optimizers],
-                              "loader": run.loader.stream.state(), "step": run.step, "ema": run.ema})
+    snapshot = copy.deepcopy(checkpoint_state(run))  # state_dict tensors alias the live weights
     for _ in range(run.hp.warmup_steps):
         train_step(run)
-    run.model.load_state_dict(snapshot["model"])
-    for opt, s in zip(run.optimizers, snapshot["opt"]):
-        opt.load_state_dict(s)
-    run.loader.stream.load_state(snapshot["loader"])
-    run.step, run.ema = snapshot["step"], snapshot["ema"]
+    restore_state(run, snapshot)
     run.model.zero_grad(set_to_none=True)
-    run.log(f"warmup_steps:{run.hp.warmup_steps} done (undone: weights, optimisers, data restored)")
+    run.log(f"warmup_steps:{run.hp.warmup_steps} done (undone: weights, optimisers, data, RNG restored)")
 
 
 def train(run: Run) -> None:
