@@ -1,13 +1,16 @@
 """Score a Parameter Golf artifact: BPB after the round trip, the 16,000,000-byte check, boundaries.
 
     python eval_bpb.py runs/<RUN_ID>/final_model.int6.ptz [--data DIR] [--tokenizer PATH]
-        [--sliding/--no-sliding] [--stride N] [--dynamic-cap] [--json OUT]
+        [--sliding/--no-sliding] [--stride N] [--dynamic-cap] [--json OUT] [--trainer PATH]
     torchrun --standalone --nproc_per_node=8 eval_bpb.py ARTIFACT ...
 
-The artifact records the trainer that made it (path and sha256) and its whole config. This script
-imports that trainer by file path and reuses its model, loader, dequantiser and BPB code, so the
-number it prints is computed exactly as the trainer's own final line. Exit codes: 0 ok, 2 bad
-input, 3 trainer changed since the artifact was made, 4 artifact over the size cap.
+The artifact records the study trainer that made it (study folder, file, sha256), its whole
+config, and fingerprints of its tokenizer and validation split. This script imports that
+trainer from this repository's studies/ (never a path taken from the artifact; --trainer names
+another file you trust) and reuses its model, loader, dequantiser and BPB code, so the number
+it prints is computed exactly as the trainer's own final line. Exit codes: 0 ok, 2 bad input
+(corrupt artifact, tokenizer or validation data not the artifact's), 3 trainer changed since
+the artifact was made, 4 artifact over the size cap, 5 a loss that is not finite.
 """
 
 from __future__ import annotations
@@ -39,31 +42,58 @@ def import_file(path: str | Path):
 
 
 def read_payload(artifact: Path) -> dict:
-    """Decompress (zstd or zlib, told by the magic bytes) and unpickle tensors and plain data only.
-    The trainers write the same container; reading it here is how we learn which trainer to use."""
+    """Decompress (zstd or zlib, told by the magic bytes; both check their content checksum) and
+    unpickle tensors and plain data only: how we learn which trainer made the artifact. The
+    trainer's verify_payload then checks the tensors against their stored digest."""
     import io
     import zlib
 
     import torch
     import zstandard
 
+    if artifact.is_dir():
+        raise ValueError(f"{artifact}: is a directory; pass the artifact file, e.g. {artifact}/final_model.int6.ptz")
+    if not artifact.is_file():
+        raise ValueError(f"{artifact}: no such artifact")
     blob = artifact.read_bytes()
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == b"\x28\xb5\x2f\xfd" else zlib.decompress(blob)
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{artifact}: not a readable artifact (corrupt or truncated?): {e}") from None
+        hint = " (final_model.pt is the float state dict, not an artifact: pass a .ptz file)" if blob[:2] == b"PK" else ""
+        raise ValueError(f"{artifact}: not a readable artifact (corrupt or truncated?){hint}: {e}") from None
     if not isinstance(payload, dict) or not {"trainer", "config", "tensors"} <= payload.keys():
         raise ValueError(f"{artifact}: decompressed, but it is not a trainer's artifact")
     return payload
 
 
-def find_trainer(record: dict) -> Path:
-    """Where the training ran from (cwd-relative), then this checkout's copy of the study."""
-    for candidate in (Path.cwd() / record["path"], ROOT / record["path"], ROOT / "studies" / record["study_file"]):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise ValueError(f"the trainer that made this artifact, {record['path']}, is not in this checkout")
+def find_trainer(record: dict, override: Path | None) -> Path:
+    """The study trainer named by the artifact, looked up in this repository's studies/ by folder
+    and file name only (an artifact must not choose which file is executed), or --trainer."""
+    if override is not None:
+        if not override.is_file():
+            raise ValueError(f"--trainer {override}: no such file")
+        return override.resolve()
+    folder, _, name = str(record.get("study_file", "")).partition("/")
+    studies = {d.name for d in (ROOT / "studies").iterdir() if d.is_dir()}
+    candidate = ROOT / "studies" / folder / name
+    if folder not in studies or "/" in name or not name.endswith(".py") or not candidate.is_file():
+        raise ValueError(f"the artifact names trainer {record.get('study_file')!r}, which is not a study "
+                         f"trainer in {ROOT / 'studies'}; pass --trainer PATH to use a file you trust")
+    return candidate
+
+
+def data_mismatches(recorded: dict, current: dict) -> list[str]:
+    """What differs between the tokenizer and validation split an artifact was made with and the
+    ones about to score it."""
+    out = []
+    if recorded.get("tokenizer") != current["tokenizer"]:
+        out.append(f"tokenizer: artifact {recorded.get('tokenizer')}, now {current['tokenizer']}")
+    old, new = recorded.get("val", {}), current["val"]
+    for key in ("shards", "tokens", "sha256"):
+        if old.get(key) != new[key]:
+            out.append(f"validation {key}: artifact {old.get(key)}, now {new[key]}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,21 +202,33 @@ def parse_args(argv):
     p.add_argument("--val-max-tokens", type=int, help="score only this many validation tokens (quick checks)")
     p.add_argument("--boundaries", action=argparse.BooleanOptionalAction, default=True,
                    help="report boundary statistics for an H-Net (default on)")
+    p.add_argument("--trainer", type=Path, help="score with this trainer file instead of the study's own")
     p.add_argument("--ignore-hash", action="store_true", help="accept a trainer edited since the artifact was made")
+    p.add_argument("--ignore-mismatch", action="store_true",
+                   help="score with a tokenizer or validation split other than the artifact's")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
     return p.parse_args(argv)
 
 
+class EvalError(ValueError):
+    """A refusal with its exit code (3 trainer changed, 5 not finite); plain ValueErrors exit 2."""
+
+    def __init__(self, msg: str, code: int):
+        super().__init__(msg)
+        self.code = code
+
+
 def evaluate(args) -> tuple[dict, int]:
-    if not args.artifact.is_file():
-        raise ValueError(f"{args.artifact}: no such artifact")
+    if args.json is not None and not args.json.resolve().parent.is_dir():
+        raise ValueError(f"--json {args.json}: folder {args.json.resolve().parent} does not exist")
     payload = read_payload(args.artifact)
-    trainer_path = find_trainer(payload["trainer"])
+    trainer_path = find_trainer(payload["trainer"], args.trainer)
     sha = hashlib.sha256(trainer_path.read_bytes()).hexdigest()
     if sha != payload["trainer"]["sha256"] and not args.ignore_hash:
-        return {"error": f"{trainer_path} changed since the artifact was made (sha256 {sha[:12]} != "
-                         f"{payload['trainer']['sha256'][:12]}); pass --ignore-hash to score it anyway"}, 3
+        raise EvalError(f"{trainer_path} changed since the artifact was made (sha256 {sha[:12]} != "
+                        f"{payload['trainer']['sha256'][:12]}); pass --ignore-hash to score it anyway", 3)
     trainer = import_file(trainer_path)
+    trainer.verify_payload(payload, args.artifact)
     config = dict(payload["config"])
     overrides = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_stride": args.stride,
                  "val_max_tokens": args.val_max_tokens}
@@ -194,38 +236,54 @@ def evaluate(args) -> tuple[dict, int]:
     known = {f.name for f in dataclasses.fields(trainer.Hyperparameters)}
     hp = trainer.Hyperparameters(**{k: v for k, v in config.items() if k in known})
     hp.check()
+    code, model_bytes = len(trainer_path.read_bytes()), args.artifact.stat().st_size
+    results = {"artifact": str(args.artifact), "trainer": str(trainer_path), "trainer_sha256": sha,
+               "format": payload["format"],
+               "size": {"code_bytes": code, "model_bytes": model_bytes, "total_bytes": code + model_bytes,
+                        "cap_bytes": trainer.SIZE_CAP_BYTES, "headroom": trainer.SIZE_CAP_BYTES - code - model_bytes}}
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"artifact: {args.artifact} ({payload['format']}); trainer {os.path.relpath(trainer_path)} "
+              f"(sha256 {sha[:12]})")
+        print(size_line(results["size"]), flush=True)  # the verdict comes before the long evaluation
     rt = trainer.setup_device(hp)
+    val = trainer.load_validation(hp)
+    mismatches = data_mismatches(payload.get("data") or {}, val.fingerprint)
+    if mismatches and not args.ignore_mismatch:
+        raise ValueError("the data does not match the artifact's (pass --ignore-mismatch to score anyway):\n  "
+                         + "\n  ".join(mismatches))
+    results["data_mismatches"] = mismatches
     model = trainer.model_from_payload(payload, rt.device)
     luts = trainer.build_byte_luts(hp, rt.device)
-    val_tokens = trainer.load_validation_tokens(hp)
-    results = {"artifact": str(args.artifact), "trainer": str(trainer_path), "format": payload["format"]}
-    res = trainer.evaluate_bpb(model, rt, hp, val_tokens, luts)
-    results["roundtrip"] = res._asdict()
-    if args.sliding:
-        results["sliding"] = trainer.evaluate_bpb(model, rt, hp, val_tokens, luts, stride=hp.eval_stride)._asdict()
-        results["sliding"]["stride"] = hp.eval_stride
-    if args.dynamic_cap and hp.is_hnet:
-        results["dynamic_cap"] = trainer.evaluate_bpb(model, rt, hp, val_tokens, luts, dynamic_cap=True)._asdict()
-    code, model_bytes = trainer_path.stat().st_size, args.artifact.stat().st_size
-    results["size"] = {"code_bytes": code, "model_bytes": model_bytes, "total_bytes": code + model_bytes,
-                       "cap_bytes": trainer.SIZE_CAP_BYTES, "headroom": trainer.SIZE_CAP_BYTES - code - model_bytes}
+    try:
+        results["roundtrip"] = trainer.evaluate_bpb(model, rt, hp, val.tokens, luts)._asdict()
+        if args.sliding:
+            results["sliding"] = trainer.evaluate_bpb(model, rt, hp, val.tokens, luts, stride=hp.eval_stride)._asdict()
+            results["sliding"]["stride"] = hp.eval_stride
+        if args.dynamic_cap and hp.is_hnet:
+            results["dynamic_cap"] = trainer.evaluate_bpb(model, rt, hp, val.tokens, luts, dynamic_cap=True)._asdict()
+    except trainer.NonFiniteScore as e:
+        raise EvalError(f"{args.artifact}: {e}", 5) from None
     if hp.is_hnet and args.boundaries and rt.master:
-        results["boundaries"] = boundary_report(trainer, model, hp, val_tokens, rt.device)
+        results["boundaries"] = boundary_report(trainer, model, hp, val.tokens, rt.device)
     return results, (4 if results["size"]["headroom"] < 0 else 0)
 
 
+def size_line(s: dict) -> str:
+    verdict = "OK" if s["headroom"] >= 0 else "OVER THE CAP"
+    return (f"size: code {s['code_bytes']:,} + model {s['model_bytes']:,} = {s['total_bytes']:,} bytes "
+            f"(cap {s['cap_bytes']:,}, headroom {s['headroom']:,}): {verdict}")
+
+
 def print_results(r: dict) -> None:
-    print(f"artifact: {r['artifact']} ({r['format']}, made by {os.path.relpath(r['trainer'])})")
+    for m in r["data_mismatches"]:
+        print(f"WARNING: scored with data other than the artifact's: {m}")
     print(f"{'evaluation':<24}{'val_loss':>12}{'val_bpb':>12}{'tokens':>14}{'bytes':>14}")
     for key in ("roundtrip", "sliding", "dynamic_cap"):
         if key in r:
             e = r[key]
             label = f"sliding (stride {e['stride']})" if key == "sliding" else key.replace("_", " ")
             print(f"{label:<24}{e['val_loss']:>12.6f}{e['val_bpb']:>12.6f}{e['tokens']:>14,}{e['bytes']:>14,}")
-    s = r["size"]
-    verdict = "OK" if s["headroom"] >= 0 else "OVER THE CAP"
-    print(f"size: code {s['code_bytes']:,} + model {s['model_bytes']:,} = {s['total_bytes']:,} bytes "
-          f"(cap {s['cap_bytes']:,}, headroom {s['headroom']:,}): {verdict}")
+    print(size_line(r["size"]))
     if "boundaries" in r:
         b = r["boundaries"]
         print(f"boundaries: {b['tokens_per_chunk']:.2f} tokens per chunk, precision {b['precision']:.3f} and "
@@ -239,6 +297,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         results, code = evaluate(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     except (ValueError, OSError) as e:  # the trainers' ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -247,9 +308,6 @@ def main(argv=None) -> int:
 
         if dist.is_initialized():  # under torchrun
             dist.destroy_process_group()
-    if "error" in results:
-        print(f"error: {results['error']}", file=sys.stderr)
-        return code
     if int(os.environ.get("RANK", "0")) == 0:
         print_results(results)
         if args.json:

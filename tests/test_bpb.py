@@ -32,7 +32,7 @@ def val_tokens_of(dataset_dir, **env):
     """All validation tokens, read by the trainer's own loader (no VAL_MAX_TOKENS cut)."""
     t = study02()
     hp = tiny_hparams(t, DATA_PATH=str(dataset_dir), VAL_MAX_TOKENS="0", **env)
-    return t.load_validation_tokens(hp).long()
+    return t.load_validation(hp).tokens.long()
 
 
 def denominator(t, luts, tokens):
@@ -86,7 +86,7 @@ def test_evaluate_bpb_equals_a_hand_count(sample_byte260):
     hp = tiny_hparams(t, DATA_PATH=str(sample_byte260), VAL_MAX_TOKENS="1000")
     torch.manual_seed(0)
     model = t.HNet(hp).eval()
-    val = t.load_validation_tokens(hp).long()
+    val = t.load_validation(hp).tokens.long()
     rt = t.Runtime(torch.device("cpu"))
     luts = t.build_byte_luts(hp, rt.device)
     res = t.evaluate_bpb(model, rt, hp, val, luts)

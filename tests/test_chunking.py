@@ -65,7 +65,7 @@ def test_ratio_loss_is_one_at_target_and_pulls_g_toward_it():
         mask[0, : int(round(frac * 600))] = True
         p = torch.full((1, 600), frac, requires_grad=True)
         router = t.RoutingModuleOutput(p, mask, p)
-        loss = t.ratio_loss(router, n)
+        loss = t.ratio_loss(router, n, per_seq=True)
         (grad,) = torch.autograd.grad(loss, p)
         if sign == 0:
             assert abs(loss.item() - 1.0) < 1e-6

@@ -43,7 +43,7 @@ def test_resume_continues_exactly(sample_byte260, tmp_path):
     assert checkpoint.is_file()
     run_tiny(t, sample_byte260, tmp_path / "resumed", ITERATIONS="6", RESUME_FROM=str(checkpoint),
              LATE_QAT_THRESHOLD="0.9")
-    assert "late_qat: on from step 5" in (tmp_path / "resumed" / "train.log").read_text()
+    assert "late_qat: on from step 6" in (tmp_path / "resumed" / "train.log").read_text()
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
@@ -78,9 +78,9 @@ def test_a_nan_loss_stops_without_applying_the_update(sample_byte260, tmp_path, 
     t = study02()
     real, calls = t.ratio_loss, {"n": 0}
 
-    def poisoned(router, n):  # 8 micro-steps per step: the 25th call is in step 4
+    def poisoned(router, n, per_seq):  # 8 micro-steps per step: the 25th call is in step 4
         calls["n"] += 1
-        value = real(router, n)
+        value = real(router, n, per_seq)
         return value * float("nan") if calls["n"] == 25 else value
     monkeypatch.setattr(t, "ratio_loss", poisoned)
     with pytest.raises(t.TrainingStopped, match="non-finite loss at step 4") as info:

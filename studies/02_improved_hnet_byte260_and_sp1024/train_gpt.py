@@ -33,7 +33,7 @@ import uuid
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -52,8 +52,9 @@ from torch import Tensor, nn
 
 # Unknown variables starting with one of these are errors (they can only be meant for us).
 OWN_PREFIXES = ("HNET_", "GPTQ_", "EVAL_", "TRAIN_", "VAL_", "MUON_", "LATE_QAT_", "EMA_", "CHUNK_",
-                "RATIO_", "OUTER_", "TARGET_AVG_", "TIED_EMBED_", "SUBMISSION_", "CHECKPOINT_", "PRUNE_")
-
+                "RATIO_", "OUTER_", "TARGET_AVG_", "TIED_EMBED_", "SUBMISSION_", "CHECKPOINT_", "PRUNE_",
+                "QUANT_", "EXPORT_", "COMPILE_")
+CHOICES = {"autocast": ("auto", "bf16", "off"), "gptq_clip_search": ("matrix", "row")}
 
 @dataclass
 class Hyperparameters:
@@ -102,10 +103,13 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
     grad_clip_norm: float = 0.0  # 0: off
+    ratio_loss_per_seq: int = 1  # 1 (published): F and G per sequence, then averaged; 0: over the batch
     # study 02 training extras
-    late_qat_threshold: float = 0.15  # QAT switches on once the LR multiplier drops below this
+    late_qat_threshold: float = 0.15  # QAT switches on after the step whose LR multiplier fell below this
     ema_decay: float = 0.0  # 0: off
     compile_model: int = -1  # -1: on for CUDA, off for CPU
+    compile_backend: str = "inductor"  # tests use aot_eager: the same graphs, compiled quickly
+    autocast: str = "auto"  # auto: bf16 on CUDA, off on CPU; bf16 on CPU runs the GPU's precision path
     checkpoint_every: int = 0  # 0: only at the end
     resume_from: str = ""
     # evaluation and export
@@ -113,11 +117,16 @@ class Hyperparameters:
     eval_batch_seqs: int = 32
     eval_sliding: int = 1
     dynamic_cap: int = 0
-    gptq_calib_batches: int = 16
-    gptq_reserve_seconds: float = 30.0
+    export_formats: str = "int8,int6"  # int8: per-row int8 + zlib-9; int6: GPTQ int6 + prune + zstd-22
+    quant_scale_floor: int = 1  # 1 (published): per-row scales at least 1/127 (int8), 1/31 (int6)
+    gptq_calib_batches: int = 256  # 0: no Hessians, round-to-nearest int6 (and no time reserve)
+    gptq_calib_all_ranks: int = 0  # 0 (published): rank 0, a fresh loader at the start of the train stream
+    gptq_clip_search: str = "matrix"  # matrix (published): one clip per matrix by weight MSE; row: per row by H
+    gptq_reserve_seconds: float = 45.0
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
     prune_pct: float = 0.03
+    prune_nonzero: int = 0  # 0 (published): zero |q| <= the PRUNE_PCT quantile, zeros counted; 1: PRUNE_PCT of nonzeros
     keep_float_max_numel: int = 65536  # float tensors this small skip quantisation (CPU-size runs lower it)
     submission_author: str = ""
     submission_name: str = ""
@@ -168,6 +177,18 @@ class Hyperparameters:
         need(self.eval_stride <= self.train_seq_len, f"EVAL_STRIDE={self.eval_stride} exceeds TRAIN_SEQ_LEN")
         need(0 <= self.prune_pct < 1, f"PRUNE_PCT must be in [0, 1), got {self.prune_pct}")
         need(0 <= self.ema_decay < 1, f"EMA_DECAY must be in [0, 1), got {self.ema_decay}")
+        for name, allowed in CHOICES.items():
+            need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        formats = self.export_formats.split(",")
+        need(len(formats) == len(set(formats)) and set(formats) <= {"int8", "int6"},
+             f"EXPORT_FORMATS={self.export_formats!r}: expected int8, int6 or int8,int6")
+        need(self.gptq_calib_batches >= 0 and self.gptq_reserve_seconds >= 0,
+             "GPTQ_CALIB_BATCHES and GPTQ_RESERVE_SECONDS must be >= 0")
+        if self.max_wallclock_seconds > 0 and self.reserve_seconds > 0:
+            need(self.max_wallclock_seconds > self.reserve_seconds,
+                 f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} leaves no training time after "
+                 f"GPTQ_RESERVE_SECONDS={self.reserve_seconds:g}; raise the cap or lower the reserve")
+        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0: no cap)")
 
     @property
     def is_hnet(self) -> bool:
@@ -177,10 +198,23 @@ class Hyperparameters:
     def uses_sentencepiece(self) -> bool:
         return self.tokenizer_path.endswith(".model")
 
+    @property
+    def formats(self) -> list[str]:
+        return self.export_formats.split(",")
+
+    @property
+    def uses_gptq(self) -> bool:
+        return "int6" in self.formats and self.gptq_calib_batches > 0
+
+    @property
+    def reserve_seconds(self) -> float:  # training time kept back for GPTQ calibration, when it runs
+        return self.gptq_reserve_seconds if self.uses_gptq else 0.0
 
 class ConfigError(ValueError):
     """A configuration or input problem; the message names the variable or file."""
 
+class NonFiniteScore(ValueError):
+    """A loss or score that is NaN or infinite: never printed as a score."""
 
 class TrainingStopped(RuntimeError):
     """A run stopped early (NaN loss, signal); carries the process exit code."""
@@ -209,7 +243,6 @@ def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Te
         x = a * x + (b * s + c * s @ s) @ x
     return x.T if transposed else x
 
-
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int,
                  world_size: int, ns_dtype: torch.dtype):
@@ -221,7 +254,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
+            updates = flat.split([p.numel() for p in params])  # views into flat
             for i, p in enumerate(params):
                 # Momentum is kept on every rank (cheap) so that rank 0's state is the whole state.
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
@@ -229,15 +262,11 @@ class Muon(torch.optim.Optimizer):
                 if i % self.world_size == self.rank:
                     g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
                     g = zeropower_via_newtonschulz5(g, group["backend_steps"], self.ns_dtype)
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = g.flatten().float()
-                offset += p.numel()
+                    updates[i].copy_(g.flatten() * max(1.0, g.size(0) / g.size(1)) ** 0.5)
             if self.world_size > 1:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            for p, u in zip(params, updates):
+                p.add_(u.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,12 +281,9 @@ class ByteLuts(NamedTuple):
     has_leading_space: Tensor  # (V,) bool, piece starts with "▁" (one more byte unless after a control token)
     is_control: Tensor  # (V,) bool, control/unknown/unused ids (count 0, and no space after them)
 
-
 def build_byte_luts(hp: Hyperparameters, device: torch.device) -> ByteLuts:
     v = hp.vocab_size
-    base = np.zeros(v, dtype=np.int64)
-    lead = np.zeros(v, dtype=bool)
-    control = np.zeros(v, dtype=bool)
+    base, lead, control = np.zeros(v, dtype=np.int64), np.zeros(v, dtype=bool), np.zeros(v, dtype=bool)
     if hp.uses_sentencepiece:
         if not os.path.isfile(hp.tokenizer_path):
             raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path}: file not found")
@@ -270,22 +296,22 @@ def build_byte_luts(hp: Hyperparameters, device: torch.device) -> ByteLuts:
             elif sp.is_byte(i):
                 base[i] = 1
             else:
-                piece = sp.id_to_piece(i)
-                lead[i] = piece.startswith("\u2581")
-                base[i] = len(piece.lstrip("\u2581").encode("utf-8")) if lead[i] else len(piece.encode("utf-8"))
+                lead[i], base[i] = piece_bytes(sp.id_to_piece(i))
     else:
         if v != 260:
             raise ConfigError(f"VOCAB_SIZE={v} but TOKENIZER_PATH={hp.tokenizer_path!r} means byte260 (vocab 260)")
         base[4:] = 1  # ids 0-3 are pad/bos/eos/unk; id b+4 is byte b
         control[:4] = True
-    as_t = lambda a: torch.from_numpy(a).to(device)
-    return ByteLuts(as_t(base), as_t(lead), as_t(control))
+    return ByteLuts(*(torch.from_numpy(a).to(device) for a in (base, lead, control)))
 
+def piece_bytes(piece: str) -> tuple[bool, int]:
+    """(has a leading "▁", UTF-8 bytes of the rest): exactly one "▁" stands for the space."""
+    lead = piece.startswith("\u2581")
+    return lead, len((piece[1:] if lead else piece).encode("utf-8"))
 
 def target_bytes(luts: ByteLuts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
     """UTF-8 bytes each target stands for, given the token before it. Shapes (B, L)."""
     return luts.base_bytes[target_ids] + (luts.has_leading_space[target_ids] & ~luts.is_control[prev_ids]).long()
-
 
 class EvalResult(NamedTuple):
     val_loss: float  # mean nats per scored token
@@ -293,13 +319,9 @@ class EvalResult(NamedTuple):
     tokens: int  # scored targets
     bytes: int
 
-
 def eval_windows(total_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored offset) for each window so every target is scored exactly once.
-
-    Windows of seq_len start every `stride` tokens; each scores only the targets no earlier
-    window scored (all of the first window, the last `stride` of the others), and a final window
-    ending at the last target scores the tail. stride == seq_len is the non-overlapping eval."""
+    """(start, first scored offset) per window: windows of seq_len every `stride` tokens, each scoring
+    what no earlier one scored, plus a final window for the tail. stride == seq_len: non-overlapping."""
     if total_targets < seq_len:
         raise ConfigError(f"validation has {total_targets} targets, fewer than TRAIN_SEQ_LEN={seq_len}")
     starts = list(range(0, total_targets - seq_len + 1, stride))
@@ -310,7 +332,6 @@ def eval_windows(total_targets: int, seq_len: int, stride: int) -> list[tuple[in
         windows.append((s, scored_until - s if scored_until > s else 0))
         scored_until = s + seq_len
     return windows
-
 
 @torch.no_grad()
 def evaluate_bpb(model: nn.Module, rt: "Runtime", hp: Hyperparameters, val_tokens: Tensor, luts: ByteLuts,
@@ -323,7 +344,8 @@ def evaluate_bpb(model: nn.Module, rt: "Runtime", hp: Hyperparameters, val_token
     model.eval()
     positions = torch.arange(seq_len, device=rt.device)
     for i in range(0, len(mine), hp.eval_batch_seqs):
-        batch = mine[i:i + hp.eval_batch_seqs]
+        # the last batch is padded with unscored windows: one shape, no recompile for the tail
+        batch = mine[i:i + hp.eval_batch_seqs] + [(0, seq_len)] * max(0, i + hp.eval_batch_seqs - len(mine))
         span = torch.stack([val_tokens[s:s + seq_len + 1] for s, _ in batch]).to(rt.device, torch.int64)
         x, y = span[:, :-1], span[:, 1:]
         first = torch.tensor([f for _, f in batch], device=rt.device)
@@ -337,6 +359,8 @@ def evaluate_bpb(model: nn.Module, rt: "Runtime", hp: Hyperparameters, val_token
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     model.train(was_training)
     nats, tokens, nbytes = sums.tolist()
+    if not math.isfinite(nats):
+        raise NonFiniteScore(f"the evaluation loss is not finite ({nats}): the weights are corrupt or diverged")
     return EvalResult(nats / tokens, nats / math.log(2) / nbytes, int(tokens), int(nbytes))
 
 
@@ -351,56 +375,64 @@ SIZE_CAP_BYTES = 16_000_000
 CONTROL_NAMES = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale")  # kept in fp32
 INT8_CLIP_QUANTILE = 0.9999984
 INT6_MAX = 31
-INT6_CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995)
-
+PUBLISHED_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ_CLIP_SEARCH=matrix
+ROW_CLIP_QUANTILES = (1.0, 0.9999, 0.999, 0.995)  # GPTQ_CLIP_SEARCH=row
 
 def code_bytes() -> int:
     return len(Path(__file__).read_bytes())
-
 
 def trainer_record() -> dict:
     here = Path(__file__).resolve()
     return {"path": os.path.relpath(here, Path.cwd()), "study_file": f"{here.parent.name}/{here.name}",
             "sha256": hashlib.sha256(here.read_bytes()).hexdigest()}
 
-
 def keep_small(name: str, t: Tensor) -> Tensor:
     return t.float() if any(k in name for k in CONTROL_NAMES) else t.half()
 
+def row_scale(clip: Tensor, qmax: int, floor: bool) -> Tensor:
+    """Per-row fp16 clip / qmax; QUANT_SCALE_FLOOR=1 (published) floors it at 1/qmax, coarse for |w| < 1."""
+    scale = clip / qmax
+    return (scale.clamp_min(1.0 / qmax) if floor else scale.clamp_min(1e-12 / qmax)).half()
 
-def quantize_int8_rows(w: Tensor, clip_quantile: float = INT8_CLIP_QUANTILE) -> tuple[Tensor, Tensor]:
+def quantize_int8_rows(w: Tensor, floor: bool) -> tuple[Tensor, Tensor]:
     w = w.float()
-    clip = torch.quantile(w.abs(), clip_quantile, dim=1).clamp_min(1e-12)
-    scale = (clip / 127.0).half()
+    clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1)
+    scale = row_scale(clip, 127, floor)
     q = torch.clamp(torch.round(w.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]), -127, 127)
     return q.to(torch.int8), scale
 
-
-def quantize_int6_rows(w: Tensor, clip_quantile: float = 1.0) -> tuple[Tensor, Tensor]:
+def quantize_int6_rows(w: Tensor, floor: bool, clip_quantile: float = 1.0) -> tuple[Tensor, Tensor]:
     """Round-to-nearest per-row int6: the export without a Hessian, and late QAT's forward."""
     w = w.float()
-    clip = (w.abs().amax(dim=1) if clip_quantile >= 1.0 else torch.quantile(w.abs(), clip_quantile, dim=1))
-    scale = (clip.clamp_min(1e-12) / INT6_MAX).half()
+    clip = w.abs().amax(dim=1) if clip_quantile >= 1.0 else torch.quantile(w.abs(), clip_quantile, dim=1)
+    scale = row_scale(clip, INT6_MAX, floor)
     q = torch.clamp(torch.round(w / scale.float()[:, None]), -INT6_MAX, INT6_MAX)
     return q.to(torch.int8), scale
 
+def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retried at 10x and 100x damping;
+    then LinAlgError, and the caller rounds that matrix to nearest."""
+    eye = torch.eye(h.size(0), device=h.device)
+    for factor in (1.0, 10.0, 100.0):
+        chol, info = torch.linalg.cholesky_ex(h + factor * damp * torch.diag(h).mean() * eye)
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    raise torch.linalg.LinAlgError("Hessian not positive definite even with 100x damping")
 
-def gptq_quantize_int6(w: Tensor, hessian: Tensor, block_size: int, damp: float,
-                       clip_quantile: float) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022): quantise columns in Hessian order, spreading each column's
-    error onto the not-yet-quantised columns through the inverse Hessian's Cholesky factor."""
+def gptq_quantize_int6(w: Tensor, hessian: Tensor, scale: Tensor, block_size: int, damp: float) -> Tensor:
+    """GPTQ (Frantar et al. 2022) on a given per-row scale: quantise columns in act-order (largest
+    Hessian diagonal first), spreading each column's error onto the columns not yet quantised
+    through the inverse Hessian's Cholesky factor. Returns int8 values in [-31, 31]."""
     w = w.float().clone()
     h = hessian.float().clone()
     cols = w.size(1)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(cols, device=h.device)
-    _, scale = quantize_int6_rows(w, clip_quantile)
     s = scale.float()[:, None]
-    perm = torch.argsort(torch.diag(h), descending=True)  # act-order: most active inputs first
+    perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_hessian_factor(h, damp)
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -413,21 +445,23 @@ def gptq_quantize_int6(w: Tensor, hessian: Tensor, block_size: int, damp: float,
             wb[:, i:] -= e * hb[i:i + 1, i:]
             err[:, i:i + 1] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    q = q[:, torch.argsort(perm)]
-    return q.to(torch.int8), scale
+    return q[:, torch.argsort(perm)].to(torch.int8)
 
-
-def quantize_int6_best(w: Tensor, hessian: Tensor | None, hp: Hyperparameters) -> tuple[Tensor, Tensor]:
-    """Per row, the clip quantile whose quantisation error (weighted by H when known) is least."""
-    h = hessian if hessian is not None else torch.eye(w.size(1), device=w.device)
-    best_q, best_s, best_err = None, None, None
-    for cq in INT6_CLIP_QUANTILES:
-        if hessian is None:
-            q, s = quantize_int6_rows(w, cq)
-        else:
-            q, s = gptq_quantize_int6(w, hessian, hp.gptq_block_size, hp.gptq_damp, cq)
-        d = w.float() - q.float() * s.float()[:, None]
-        err = ((d @ h) * d).sum(dim=1)  # per-row output error d H d^T
+def quantize_int6_matrix(w: Tensor, hessian: Tensor | None, hp: Hyperparameters) -> tuple[Tensor, Tensor]:
+    """int6 codes and scales of one matrix (GPTQ with a Hessian, else round-to-nearest). The clip:
+    GPTQ_CLIP_SEARCH=matrix (published) one per matrix, least weight MSE; row: per row, least d H d^T."""
+    w = w.float()
+    floor = bool(hp.quant_scale_floor)
+    per_row = hp.gptq_clip_search == "row"
+    best_q = best_s = best_err = None
+    for cq in ROW_CLIP_QUANTILES if per_row else PUBLISHED_CLIP_QUANTILES:
+        q, s = quantize_int6_rows(w, floor, cq)
+        if hessian is not None:
+            q = gptq_quantize_int6(w, hessian, s, hp.gptq_block_size, hp.gptq_damp)
+        d = w - q.float() * s.float()[:, None]
+        err = ((d @ hessian.float()) * d).sum(dim=1) if per_row and hessian is not None else d.square().sum(dim=1)
+        if not per_row:
+            err = err.sum().expand(w.size(0))  # one choice for the whole matrix
         if best_err is None:
             best_q, best_s, best_err = q, s, err
         else:
@@ -437,35 +471,66 @@ def quantize_int6_best(w: Tensor, hessian: Tensor | None, hp: Hyperparameters) -
             best_err = torch.minimum(err, best_err)
     return best_q, best_s
 
-
-def prune_smallest(q: Tensor, scale: Tensor, pct: float) -> Tensor:
-    """Zero the pct smallest-magnitude quantised weights (zeros compress well under zstd)."""
-    k = int(round(pct * q.numel()))
-    if k == 0:
-        return q
-    magnitude = (q.float().abs() * scale.float()[:, None]).flatten()
-    idx = torch.argsort(magnitude, stable=True)[:k]
-    q = q.flatten().clone()
-    q[idx] = 0
-    return q.view(scale.numel(), -1)
-
+def prune_int6(codes: dict[str, tuple[Tensor, Tensor]], pct: float, nonzero: bool) -> int:
+    """Zero small int6 values in place (zeros compress well); returns how many changed. Published
+    (PRUNE_NONZERO=0): every |q| <= the PRUNE_PCT quantile of all |q|, zeros counted, so a grid
+    already PRUNE_PCT zeros (the scale floor) changes nothing; 1: PRUNE_PCT of the nonzeros, smallest
+    |q| * scale first."""
+    if pct <= 0 or not codes:
+        return 0
+    changed = 0
+    if not nonzero:
+        magnitudes = torch.cat([q.flatten().abs().float() for q, _ in codes.values()])
+        threshold = magnitudes.kthvalue(max(1, int(pct * magnitudes.numel()))).values
+    for q, scale in codes.values():
+        if not nonzero:
+            mask = (q.abs() <= threshold) & (q != 0)
+        else:
+            live = (q != 0).flatten().nonzero().flatten()
+            magnitude = (q.float().abs() * scale.float()[:, None]).flatten()[live]
+            mask = torch.zeros(q.numel(), dtype=torch.bool)
+            mask[live[torch.argsort(magnitude, stable=True)[:int(round(pct * live.numel()))]]] = True
+            mask = mask.view_as(q)
+        changed += int(mask.sum())
+        q[mask] = 0
+    return changed
 
 def quantize_state_dict(state: dict[str, Tensor], fmt: str, hp: Hyperparameters,
-                        hessians: dict[str, Tensor] | None = None) -> dict:
-    tensors = {}
+                        hessians: dict[str, Tensor] | None = None, data: dict | None = None) -> dict:
+    """The artifact payload: quantised tensors plus what a reader needs to rebuild and trust the
+    model (trainer, config, tokenizer and validation fingerprints, a digest of the tensors)."""
+    tensors, int6_codes, fallbacks = {}, {}, []
+    floor = bool(hp.quant_scale_floor)
     for name, t in state.items():
         t = t.detach().cpu()
         if not t.is_floating_point() or t.numel() <= hp.keep_float_max_numel or t.ndim != 2:
             tensors[name] = {"w": keep_small(name, t) if t.is_floating_point() else t}
         elif fmt == "int8" or name == "tok_emb.weight":
-            q, s = quantize_int8_rows(t)
+            q, s = quantize_int8_rows(t, floor)
             tensors[name] = {"q": q, "scale": s, "bits": 8}
         else:
             h = (hessians or {}).get(name)
-            q, s = quantize_int6_best(t, None if h is None else h.cpu(), hp)
-            tensors[name] = {"q": prune_smallest(q, s, hp.prune_pct), "scale": s, "bits": 6}
-    return {"format": fmt, "trainer": trainer_record(), "config": asdict(hp), "tensors": tensors}
+            try:
+                q, s = quantize_int6_matrix(t, None if h is None else h.cpu(), hp)
+            except torch.linalg.LinAlgError:
+                fallbacks.append(name)
+                q, s = quantize_int6_matrix(t, None, hp)
+            tensors[name] = {"q": q, "scale": s, "bits": 6}
+            int6_codes[name] = (q, s)
+    pruned = prune_int6(int6_codes, hp.prune_pct, bool(hp.prune_nonzero)) if fmt == "int6" else 0
+    payload = {"format": fmt, "trainer": trainer_record(), "config": asdict(hp), "data": data or {},
+               "tensors": tensors, "stats": {"gptq_fallbacks": fallbacks, "pruned": pruned}}
+    payload["digest"] = tensors_digest(tensors)
+    return payload
 
+def tensors_digest(tensors: dict) -> str:
+    """sha256 of every stored value (name, dtype, shape, bytes): no flipped bit survives a read."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        for key, v in sorted(tensors[name].items()):
+            t = v if isinstance(v, Tensor) else torch.tensor(v)
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode() + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
     out = {}
@@ -476,26 +541,33 @@ def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
             out[name] = e["w"].float() if e["w"].is_floating_point() else e["w"]
     return out
 
-
 def compress(payload: dict, fmt: str) -> bytes:
+    """A plain zlib or zstd stream, each checksummed (zlib's adler32; zstd's content checksum, on)."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     raw = buf.getvalue()
-    return zlib.compress(raw, 9) if fmt == "int8" else zstandard.ZstdCompressor(level=22).compress(raw)
-
+    return zlib.compress(raw, 9) if fmt == "int8" else zstandard.ZstdCompressor(level=22, write_checksum=True).compress(raw)
 
 def read_artifact(path: str | Path) -> dict:
-    """Decompress (zlib or zstd, told by the magic bytes) and unpickle safely; clear errors."""
+    """Decompress (zstd or zlib by magic bytes), unpickle tensors only, check them against the digest."""
     blob = Path(path).read_bytes()
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == b"\x28\xb5\x2f\xfd" else zlib.decompress(blob)
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # zlib.error, zstandard.ZstdError, pickle errors: all mean a bad file
+    except Exception as e:  # zlib.error, zstandard.ZstdError (bad data or checksum), unpickling errors
         raise ConfigError(f"{path}: not a readable artifact (corrupt or truncated?): {e}") from None
-    if not isinstance(payload, dict) or "tensors" not in payload or "config" not in payload:
-        raise ConfigError(f"{path}: decompressed, but it is not an artifact of this trainer")
-    return payload
+    return verify_payload(payload, path)
 
+def verify_payload(payload, path) -> dict:
+    if not isinstance(payload, dict) or not {"tensors", "config", "digest"} <= payload.keys():
+        raise ConfigError(f"{path}: decompressed, but it is not an artifact of this trainer")
+    try:
+        digest = tensors_digest(payload["tensors"])
+    except (AttributeError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"{path}: the stored tensors are malformed (corrupt file): {e}") from None
+    if digest != payload["digest"]:
+        raise ConfigError(f"{path}: the weights do not match the digest stored with them (corrupt file)")
+    return payload
 
 def write_atomic(path: str | Path, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
@@ -503,12 +575,10 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         f.write(data)
     os.replace(tmp, path)
 
-
 def save_atomic(obj, path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_atomic(path, buf.getvalue())
-
 
 def model_from_payload(payload: dict, device: torch.device) -> "HNet":
     hp = Hyperparameters(**{k: v for k, v in payload["config"].items() if k in {f.name for f in fields(Hyperparameters)}})
@@ -529,7 +599,6 @@ def model_from_payload(payload: dict, device: torch.device) -> "HNet":
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
-
 def load_data_shard(path: str | Path, vocab_size: int | None = None) -> Tensor:
     path = Path(path)
     try:
@@ -548,15 +617,44 @@ def load_data_shard(path: str | Path, vocab_size: int | None = None) -> Tensor:
                           "was it exported with another tokenizer?")
     return torch.from_numpy(tokens.astype(np.int32))
 
-
 def shard_files(hp: Hyperparameters, split: str) -> list[str]:
     if not os.path.isdir(hp.data_path):
         raise ConfigError(f"DATA_PATH={hp.data_path}: no such directory (see README, Data)")
     files = sorted(glob.glob(os.path.join(hp.data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise ConfigError(f"DATA_PATH={hp.data_path}: no fineweb_{split}_*.bin shards")
+    expected = [os.path.join(hp.data_path, f"fineweb_{split}_{i:06d}.bin") for i in range(len(files))]
+    if files != expected:
+        missing = sorted(set(expected) - set(files))
+        raise ConfigError(f"DATA_PATH={hp.data_path}: the {split} shards are not numbered 0..{len(files) - 1}"
+                          f"{f' (missing {os.path.basename(missing[0])})' if missing else ''}: an incomplete copy?")
     return files
 
+def check_manifest(hp: Hyperparameters, val_counts: list[int]) -> list[str]:
+    """Compare the shards with the exporter's or downloader's DATA_PATH/../../manifest.json: no
+    entry (an interrupted export) or another val split is an error, no manifest a warning."""
+    path, name = Path(hp.data_path).resolve().parent.parent / "manifest.json", Path(hp.data_path).resolve().name
+    if not path.is_file():
+        return [f"no manifest.json at {path}: cannot check that {name} is a complete export"]
+    try:
+        stats = {d.get("name"): d.get("stats", {}) for d in json.loads(path.read_text()).get("datasets", [])}
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a readable manifest ({e})") from None
+    if name not in stats:
+        raise ConfigError(f"{path} lists no dataset {name}: its export did not finish (or was interrupted); "
+                          "run the exporter again")
+    have = {"files_val": len(val_counts), "tokens_val": sum(val_counts), "files_train": len(shard_files(hp, "train"))}
+    for key, n in have.items():  # fewer train shards is fine: the downloader's --train-shards
+        want = stats[name].get(key)
+        if want is not None and (n > want if key == "files_train" else n != want):
+            raise ConfigError(f"DATA_PATH={hp.data_path}: {key} is {n:,}, {path} says {want:,}")
+    return []
+
+def tokenizer_fingerprint(hp: Hyperparameters) -> dict:
+    if not hp.uses_sentencepiece:
+        return {"kind": "byte260", "vocab_size": hp.vocab_size}
+    return {"kind": "sentencepiece", "vocab_size": hp.vocab_size,
+            "sha256": hashlib.sha256(Path(hp.tokenizer_path).read_bytes()).hexdigest()}
 
 class TokenStream:
     """The train shards as one endless stream; (file index, position) is its whole state."""
@@ -584,7 +682,6 @@ class TokenStream:
             n -= part.numel()
         return torch.cat(parts)
 
-
 class DistributedTokenLoader:
     def __init__(self, hp: Hyperparameters, rt: "Runtime"):
         self.stream = TokenStream(shard_files(hp, "train"), hp.vocab_size)
@@ -594,18 +691,31 @@ class DistributedTokenLoader:
     def next_batch(self) -> tuple[Tensor, Tensor]:
         span = self.local_tokens + 1  # one extra token: the last target
         chunk = self.stream.take(span * self.rt.world_size)
-        local = chunk[self.rt.rank * span:(self.rt.rank + 1) * span].to(self.rt.device, torch.int64)
+        local = chunk[self.rt.rank * span:(self.rt.rank + 1) * span]
+        if self.rt.is_cuda:  # from pinned memory, so the copy does not block the host
+            local = local.pin_memory().to(self.rt.device, non_blocking=True)
+        local = local.to(torch.int64)
         return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
 
+# The split (cut to VAL_MAX_TOKENS + 1 if set), its fingerprint (tokenizer, shard names and counts,
+# sha256 of the whole split) and the manifest's warnings.
+Validation = NamedTuple("Validation", [("tokens", Tensor), ("fingerprint", dict), ("warnings", list)])
 
-def load_validation_tokens(hp: Hyperparameters) -> Tensor:
-    tokens = torch.cat([load_data_shard(f, hp.vocab_size) for f in shard_files(hp, "val")])
-    if hp.val_max_tokens > 0:
-        tokens = tokens[:hp.val_max_tokens + 1]
+def load_validation(hp: Hyperparameters) -> Validation:
+    """The val split, checked against the manifest and the tokenizer before any cut."""
+    files = shard_files(hp, "val")
+    parts = [load_data_shard(f, hp.vocab_size) for f in files]
+    warnings = check_manifest(hp, [t.numel() for t in parts])
+    tokens = torch.cat(parts)
     if hp.uses_sentencepiece and tokens.numel() > 100_000 and int(tokens.max()) < 260:
         raise ConfigError(f"DATA_PATH={hp.data_path} holds only ids < 260 (byte260 data?) "
                           f"but TOKENIZER_PATH={hp.tokenizer_path} is a SentencePiece model")
-    return tokens
+    fingerprint = {"tokenizer": tokenizer_fingerprint(hp),
+                   "val": {"shards": [os.path.basename(f) for f in files], "tokens": [t.numel() for t in parts],
+                           "sha256": hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()}}
+    if hp.val_max_tokens > 0:
+        tokens = tokens[:hp.val_max_tokens + 1]
+    return Validation(tokens, fingerprint, warnings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,7 +741,6 @@ class CastedLinear(nn.Linear):
         w = self.weight + self.qat_delta if self.training else self.weight
         return F.linear(x, w.to(x.dtype))
 
-
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -642,11 +751,9 @@ class Rotary(nn.Module):
         angles = torch.outer(torch.arange(length, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
         return angles.cos().to(dtype)[None, None], angles.sin().to(dtype)[None, None]
 
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, hp: Hyperparameters):
@@ -673,7 +780,6 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(y.transpose(1, 2).reshape(b, length, d))
 
-
 class MLP(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
@@ -682,7 +788,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(torch.relu(self.fc(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, hp: Hyperparameters):
@@ -698,7 +803,6 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
         return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
-
 
 class Stage(nn.Module):
     """Blocks with U-Net skips: the first half push their outputs, the second half add them back
@@ -722,12 +826,10 @@ class Stage(nn.Module):
                 skips.append(x)
         return F.rms_norm(x, (x.size(-1),))
 
-
 class ModelOutput(NamedTuple):
     loss: Tensor  # (B, L) next-token CE in nats, fp32
     ratio_loss: Tensor  # () the H-Net ratio loss; 0 for the plain GPT (never added in eval)
     boundary_mask: Tensor | None  # (B, L) bool, chunk starts; None for the plain GPT
-
 
 class HNet(nn.Module):
     def __init__(self, hp: Hyperparameters):
@@ -769,7 +871,8 @@ class HNet(nn.Module):
             up = self.dechunk(z, chunks.probs, chunks.chunk_index)  # (B, L, D)
             x = ste_one(router.selected_probs)[..., None].to(up.dtype) * up + self.residual_proj(h)
             x = self.decoder(ScaleGrad.apply(x, self.hp.hnet_lr_diff))
-            ratio, boundary_mask = ratio_loss(router, self.hp.target_avg_chunk_len), router.boundary_mask
+            ratio = ratio_loss(router, self.hp.target_avg_chunk_len, bool(self.hp.ratio_loss_per_seq))
+            boundary_mask = router.boundary_mask
         else:
             x = self.main(x)
         return x, ratio, boundary_mask
@@ -788,7 +891,6 @@ class RoutingModuleOutput(NamedTuple):
     boundary_mask: Tensor  # (B, L) bool, p_t >= 0.5
     selected_probs: Tensor  # (B, L) fp32 confidence: p_t at boundaries, 1 - p_t elsewhere
 
-
 class RoutingModule(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -805,12 +907,10 @@ class RoutingModule(nn.Module):
         mask = p >= 0.5
         return RoutingModuleOutput(p, mask, torch.where(mask, p, 1 - p))
 
-
 class ChunkOutput(NamedTuple):
     hidden: Tensor  # (B, C) x D: encoder states at the first C boundaries, zero-padded
     probs: Tensor  # (B, C) boundary_prob there (0 on padding)
     chunk_index: Tensor  # (B, L) chunk each position reads: boundaries at or before it, minus 1, < C
-
 
 class ChunkLayer(nn.Module):
     def forward(self, h: Tensor, router: RoutingModuleOutput, cap: int) -> ChunkOutput:
@@ -825,7 +925,6 @@ class ChunkLayer(nn.Module):
         # Past the cap, later boundaries are dropped and their bytes read the last kept chunk.
         return ChunkOutput(hidden, probs, (counts - 1).clamp(0, cap - 1))
 
-
 def linear_scan(a: Tensor, b: Tensor) -> Tensor:
     """s_c = a_c * s_{c-1} + b_c (s_{-1} = 0) along dim 1 in log2(C) steps (Hillis-Steele scan).
     a: (B, C, 1), b: (B, C, D). Products of a only shrink, so nothing overflows."""
@@ -837,7 +936,6 @@ def linear_scan(a: Tensor, b: Tensor) -> Tensor:
         offset *= 2
     return b
 
-
 class DeChunkLayer(nn.Module):
     def forward(self, z: Tensor, probs: Tensor, chunk_index: Tensor) -> Tensor:
         p = probs.float().clamp(1e-4, 1 - 1e-4)[..., None]  # (B, C, 1)
@@ -846,7 +944,6 @@ class DeChunkLayer(nn.Module):
         b = torch.cat((zf[:, :1], p[:, 1:] * zf[:, 1:]), dim=1)
         s = linear_scan(a, b).to(z.dtype)  # (B, C, D)
         return torch.gather(s, 1, chunk_index[..., None].expand(-1, -1, s.size(-1)))
-
 
 class ScaleGrad(torch.autograd.Function):
     """Identity forward, gradient times `scale` backward (H-Net's per-stage learning-rate split)."""
@@ -860,18 +957,18 @@ class ScaleGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         return grad * ctx.scale, None
 
-
 def ste_one(c: Tensor) -> Tensor:
     """Forward value exactly 1 (c - c is exactly 0), gradient passed to c."""
     return 1.0 + (c - c.detach())
 
-
-def ratio_loss(router: RoutingModuleOutput, n: float) -> Tensor:
+def ratio_loss(router: RoutingModuleOutput, n: float, per_seq: bool) -> Tensor:
     """H-Net's ratio loss: 1 when both the hard boundary fraction F and the mean probability G
-    equal 1/N, larger otherwise; only G carries gradient."""
-    f = router.boundary_mask.float().mean()
-    g = router.boundary_prob.mean()
-    return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
+    equal 1/N, larger otherwise; only G carries gradient. per_seq (the published studies): F and
+    G of each sequence, losses averaged; otherwise F and G over the whole batch (the paper)."""
+    dims = -1 if per_seq else None
+    f = router.boundary_mask.float().mean(dim=dims)
+    g = router.boundary_prob.mean(dim=dims)
+    return (n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -888,6 +985,7 @@ class Runtime:
     world_size: int = 1
     grad_accum_steps: int = 8
     compile: bool = False
+    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA; None (fp32) on CPU unless AUTOCAST=bf16
 
     @property
     def is_cuda(self) -> bool:
@@ -898,15 +996,13 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.is_cuda else contextlib.nullcontext()
-
-    def sync(self) -> None:
-        if self.is_cuda:
-            torch.cuda.synchronize()
-
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 def setup_device(hp: Hyperparameters) -> Runtime:
-    """Decide everything device-specific once: NCCL + bf16 + compile on CUDA, gloo + fp32 on CPU."""
+    """Decide everything device-specific once: NCCL + bf16 + compile on CUDA, gloo + fp32 on CPU.
+    AUTOCAST=bf16 on CPU runs the CUDA precision path (bf16 autocast, bf16 Newton-Schulz)."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if 8 % world_size:
         raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (grad accumulation is 8 / WORLD_SIZE)")
@@ -926,27 +1022,25 @@ def setup_device(hp: Hyperparameters) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
     compile_on = hp.compile_model == 1 or (hp.compile_model == -1 and device.type == "cuda")
-    return Runtime(device, rank, world_size, 8 // world_size, compile_on)
+    bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and device.type == "cuda")
+    return Runtime(device, rank, world_size, 8 // world_size, compile_on, torch.bfloat16 if bf16 else None)
 
-
-class RunLog:
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if self.path is None:
+def run_log(path: Path | None):
+    """log(msg, console=True): rank 0 appends to train.log (and prints); other ranks do nothing."""
+    def log(msg: str, console: bool = True) -> None:
+        if path is None:
             return
         if console:
             print(msg, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(path, "a", encoding="utf-8") as f:
             f.write(msg + "\n")
-
+    return log
 
 @dataclass
 class Run:
     hp: Hyperparameters
     rt: Runtime
-    log: RunLog
+    log: Callable
     run_dir: Path
     model: HNet
     compiled: nn.Module
@@ -954,33 +1048,33 @@ class Run:
     loader: DistributedTokenLoader
     val_tokens: Tensor
     luts: ByteLuts
+    data: dict  # tokenizer and validation fingerprints, recorded in every artifact
     step: int = 0
-    training_time_ms: float = 0.0
+    training_time_ms: float = 0.0  # agreed across ranks, validation and checkpoints excluded
     ema: dict | None = None
     qat: bool = False
     signal_received: int = 0
-
+    last_eval: tuple | None = None  # (step, EvalResult) of the latest float evaluation
 
 def build_optimizers(model: HNet, hp: Hyperparameters, rt: Runtime) -> list:
-    """Muon for every linear's matrix (stages, router, residual projection); Adam for the tied
-    embedding and for vectors and control tensors."""
+    """Muon for every linear's matrix (stages, router, residual projection); fused Adam (no host
+    sync) for the tied embedding and for vectors and control tensors."""
     matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
     taken = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
     scalars = [p for p in model.parameters() if id(p) not in taken]
 
     def adam(params, lr):
         return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(hp.beta1, hp.beta2),
-                                eps=hp.adam_eps, weight_decay=0.0, fused=rt.is_cuda)
+                                eps=hp.adam_eps, weight_decay=0.0, fused=True)
     muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank, rt.world_size,
-                torch.bfloat16 if rt.is_cuda else torch.float32)
+                rt.autocast_dtype or torch.float32)
     muon.param_groups[0]["base_lr"] = hp.matrix_lr
     return [adam([model.tok_emb.weight], hp.tied_embed_lr), muon, adam(scalars, hp.scalar_lr)]
 
-
 def training_cap_ms(hp: Hyperparameters) -> float:
-    """Wall-clock budget for the training loop; GPTQ's calibration comes out of the same budget."""
-    return 1000.0 * max(hp.max_wallclock_seconds - hp.gptq_reserve_seconds, 0.0) if hp.max_wallclock_seconds > 0 else 0.0
-
+    """Wall-clock budget for the training loop (0: none); GPTQ's calibration comes out of the same
+    budget when it runs, so the reserve is only taken then."""
+    return 1000.0 * (hp.max_wallclock_seconds - hp.reserve_seconds) if hp.max_wallclock_seconds > 0 else 0.0
 
 def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """No warmup; linear warmdown to 0 over the last WARMDOWN_ITERS steps, or, under a wall-clock
@@ -994,7 +1088,6 @@ def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float) -> float:
         mul = min(mul, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
     return mul
 
-
 def all_reduce_grads(model: nn.Module, rt: Runtime) -> None:
     params = list(model.parameters())
     for p in params:
@@ -1004,28 +1097,27 @@ def all_reduce_grads(model: nn.Module, rt: Runtime) -> None:
         return
     flat = torch.cat([p.grad.flatten().float() for p in params])  # fp32 buffer (gloo and NCCL alike)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= rt.world_size
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-
+    for p, g in zip(params, (flat / rt.world_size).split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
 
 @torch.no_grad()
-def refresh_qat(model: nn.Module, on: bool) -> None:
+def refresh_qat(model: nn.Module, on: bool, floor: bool) -> None:
     """Point every linear's training forward at its current int6 rounding (on) or at itself (off)."""
     for m in model.modules():
         if isinstance(m, CastedLinear):
             if on:
-                q, scale = quantize_int6_rows(m.weight)
+                q, scale = quantize_int6_rows(m.weight, floor)
                 m.qat_delta.copy_(q.float() * scale.float()[:, None] - m.weight)
             else:
                 m.qat_delta.zero_()
 
+# One step's global sums, the slowest rank's clock at the step's gate (ms) and any rank's signal.
+StepStats = NamedTuple("StepStats", [(name, float) for name in (
+    "ce", "ratio", "chunks", "bytes", "micro_steps", "nonfinite", "clock_ms", "signal")])
 
-def train_step(run: Run) -> Tensor:
-    """One optimizer step over TRAIN_BATCH_TOKENS. Returns global sums (ce, ratio, chunks, bytes,
-    micro-steps, non-finite count) without applying the update if the loss is not finite."""
+def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
+    """One optimizer step at LR multiplier `mul`. Stats, the ranks' clocks (time since the previous
+    gate) and signals cross to the host in one copy, the gate, before the update; not finite: no update."""
     hp, rt = run.hp, run.rt
     stats = torch.zeros(6, device=rt.device, dtype=torch.float64)
     for _ in range(rt.grad_accum_steps):
@@ -1035,19 +1127,24 @@ def train_step(run: Run) -> Tensor:
             ce = out.loss.mean()
             loss = ce + hp.ratio_loss_weight * out.ratio_loss if hp.is_hnet else ce
         (loss / rt.grad_accum_steps).backward()
-        chunks = out.boundary_mask.sum() if out.boundary_mask is not None else torch.tensor(x.numel(), device=rt.device)
+        chunks = out.boundary_mask.sum() if out.boundary_mask is not None else (x >= 0).sum()
         in_bytes = (run.luts.base_bytes[x] + run.luts.has_leading_space[x].long()).sum()
         stats += torch.stack((ce.detach().double(), out.ratio_loss.detach().double(), chunks.double(),
                               in_bytes.double(), torch.ones((), device=rt.device, dtype=torch.float64),
                               (~torch.isfinite(loss.detach())).double()))
     all_reduce_grads(run.model, rt)
+    now = time.perf_counter()
+    clock = torch.tensor([run.training_time_ms + 1000 * (now - gate), float(run.signal_received)],
+                         device=rt.device, dtype=torch.float64)
     if rt.world_size > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    if stats[5].item() > 0:
-        return stats
-    if hp.grad_clip_norm > 0:
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)  # every rank stops on the same step
+    host = StepStats(*torch.cat((stats, clock)).tolist())  # the step's one device-to-host transfer
+    if host.nonfinite > 0:
+        run.model.zero_grad(set_to_none=True)
+        return host, now
+    if hp.grad_clip_norm > 0:  # off in every published run
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), hp.grad_clip_norm)
-    mul = lr_multiplier(hp, run.step, run.training_time_ms)
     frac = min(run.step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
     run.optimizers[1].param_groups[0]["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
     for opt in run.optimizers:
@@ -1056,13 +1153,12 @@ def train_step(run: Run) -> Tensor:
         opt.step()
     run.model.zero_grad(set_to_none=True)
     if run.qat:
-        refresh_qat(run.model, True)
+        refresh_qat(run.model, True, bool(hp.quant_scale_floor))
     if run.ema is not None:
         with torch.no_grad():
             for name, p in run.model.state_dict().items():
                 run.ema[name].mul_(hp.ema_decay).add_(p.float(), alpha=1 - hp.ema_decay)
-    return stats
-
+    return host, now
 
 def checkpoint_state(run: Run) -> dict:
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -1070,9 +1166,7 @@ def checkpoint_state(run: Run) -> dict:
         rng["cuda"] = torch.cuda.get_rng_state()
     return {"model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
             "loader": run.loader.stream.state(), "step": run.step, "training_time_ms": run.training_time_ms,
-            "rng": rng, "config": asdict(run.hp), "ema": run.ema,
-            "qat": run.qat}
-
+            "rng": rng, "config": asdict(run.hp), "ema": run.ema, "qat": run.qat, "data": run.data}
 
 def save_checkpoint(run: Run) -> Path:
     path = run.run_dir / "checkpoints" / f"step_{run.step:06d}.pt"
@@ -1084,10 +1178,8 @@ def save_checkpoint(run: Run) -> Path:
         dist.barrier()
     return path
 
-
 SHAPE_FIELDS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "num_layers", "outer_layers",
                 "train_seq_len", "train_batch_tokens", "chunk_divisor")
-
 
 def restore_state(run: Run, state: dict) -> None:
     """Put a checkpoint_state() back: weights, optimisers, data position, clock, EMA, QAT, RNG."""
@@ -1097,17 +1189,14 @@ def restore_state(run: Run, state: dict) -> None:
     run.loader.stream.load_state(state["loader"])
     run.step, run.training_time_ms, run.ema = state["step"], state["training_time_ms"], state["ema"]
     run.qat = state["qat"]
-    refresh_qat(run.model, run.qat)
+    refresh_qat(run.model, run.qat, bool(run.hp.quant_scale_floor))
     torch.set_rng_state(state["rng"]["torch"].cpu())
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     if run.rt.is_cuda and "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
 
-
 def load_checkpoint(run: Run, path: str) -> None:
-    if not os.path.isfile(path):
-        raise ConfigError(f"RESUME_FROM={path}: no such checkpoint")
     try:
         state = torch.load(path, map_location=run.rt.device, weights_only=False)
     except Exception as e:
@@ -1116,9 +1205,10 @@ def load_checkpoint(run: Run, path: str) -> None:
         if state["config"][name] != getattr(run.hp, name):
             raise ConfigError(f"RESUME_FROM={path} was trained with {name.upper()}={state['config'][name]}, "
                               f"this run has {getattr(run.hp, name)}")
+    if state.get("data", {}).get("tokenizer", run.data["tokenizer"]) != run.data["tokenizer"]:
+        raise ConfigError(f"RESUME_FROM={path} was trained with another tokenizer ({state['data']['tokenizer']})")
     restore_state(run, state)
     run.log(f"resumed_from:{path} step:{run.step} train_time:{run.training_time_ms:.0f}ms")
-
 
 def prime_compile(run: Run) -> None:
     """Run WARMUP_STEPS real steps so compilation and allocator warm-up happen off the clock, then
@@ -1127,93 +1217,115 @@ def prime_compile(run: Run) -> None:
         return
     snapshot = copy.deepcopy(checkpoint_state(run))  # state_dict tensors alias the live weights
     for _ in range(run.hp.warmup_steps):
-        train_step(run)
+        train_step(run, 1.0, time.perf_counter())
+        if run.signal_received:
+            raise TrainingStopped(f"stopped by signal {run.signal_received} during compile priming; nothing was "
+                                  "trained", 128 + run.signal_received)
     restore_state(run, snapshot)
     run.model.zero_grad(set_to_none=True)
     run.log(f"warmup_steps:{run.hp.warmup_steps} done (undone: weights, optimisers, data, RNG restored)")
 
-
 def train(run: Run) -> None:
     hp, rt, log = run.hp, run.rt, run.log
-    cap_ms, capped = training_cap_ms(hp), False
+    cap_ms = training_cap_ms(hp)
+    capped = cap_ms > 0 and run.training_time_ms >= cap_ms  # a resumed finished run goes straight to export
+    gate = time.perf_counter()  # host time of the last step's gate; pauses are added to it
     while True:
         last = run.step >= hp.iterations or capped
         if last or (hp.val_loss_every > 0 and run.step % hp.val_loss_every == 0):
+            t0 = time.perf_counter()
             res = evaluate_bpb(run.compiled, rt, hp, run.val_tokens, run.luts)
+            run.last_eval = (run.step, res)
             log(f"step:{run.step}/{hp.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
                 f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / max(run.step, 1):.2f}ms")
+            gate += time.perf_counter() - t0  # validation is off the clock
         if last:
             break
-        if not run.qat and lr_multiplier(hp, run.step, run.training_time_ms) < hp.late_qat_threshold:
-            run.qat = True
-            refresh_qat(run.model, True)
-            log(f"late_qat: on from step {run.step + 1}")
-        rt.sync()
-        t0 = time.perf_counter()
-        stats = train_step(run)
-        rt.sync()
-        elapsed = torch.tensor([run.training_time_ms + 1000 * (time.perf_counter() - t0), float(run.signal_received)],
-                               device=rt.device)
-        if rt.world_size > 1:  # every rank stops on the same step
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if stats[5].item() > 0:
+        mul = lr_multiplier(hp, run.step, run.training_time_ms)
+        stats, gate = train_step(run, mul, gate)
+        if stats.nonfinite > 0:
             ckpts = sorted((run.run_dir / "checkpoints").glob("step_*.pt"))
             keep = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
             raise TrainingStopped(f"non-finite loss at step {run.step + 1}; the update was not applied; {keep}", 3)
-        run.training_time_ms = float(elapsed[0])
+        run.training_time_ms = stats.clock_ms
         run.step += 1
-        ce, ratio, chunks, nbytes, micro = stats[:5].tolist()
+        if not run.qat and hp.late_qat_threshold > 0 and mul < hp.late_qat_threshold:
+            run.qat = True  # as published: on after the step whose multiplier fell below the threshold
+            refresh_qat(run.model, True, bool(hp.quant_scale_floor))
+            log(f"late_qat: on from step {run.step + 1} (lr multiplier {mul:.4f})")
         if hp.train_log_every > 0 and (run.step % hp.train_log_every == 0 or run.step <= 10):
-            log(f"step:{run.step}/{hp.iterations} train_loss:{ce / micro:.4f} ratio_loss:{ratio / micro:.4f} "
-                f"bytes_per_chunk:{nbytes / max(chunks, 1):.2f} train_time:{run.training_time_ms:.0f}ms "
-                f"step_avg:{run.training_time_ms / run.step:.2f}ms")
-        if elapsed[1] > 0:
+            log(f"step:{run.step}/{hp.iterations} train_loss:{stats.ce / stats.micro_steps:.4f} "
+                f"ratio_loss:{stats.ratio / stats.micro_steps:.4f} bytes_per_chunk:{stats.bytes / max(stats.chunks, 1):.2f} "
+                f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / run.step:.2f}ms")
+        if stats.signal > 0:
             path = save_checkpoint(run)
-            raise TrainingStopped(f"stopped by signal {int(elapsed[1])} after step {run.step}; to continue, "
-                                  f"rerun with the same environment plus RESUME_FROM={path}", 128 + int(elapsed[1]))
+            raise TrainingStopped(f"stopped by signal {int(stats.signal)} after step {run.step}; to continue, "
+                                  f"rerun with the same environment plus RESUME_FROM={path}", 128 + int(stats.signal))
         if hp.checkpoint_every > 0 and run.step % hp.checkpoint_every == 0:
+            t0 = time.perf_counter()
             save_checkpoint(run)
+            gate += time.perf_counter() - t0
         if cap_ms > 0 and run.training_time_ms >= cap_ms and run.step < hp.iterations:
-            log(f"stopping_early: wallclock_cap train_time:{run.training_time_ms:.0f}ms step:{run.step}/{hp.iterations}")
+            log(f"stopping_early: wallclock_cap train_time:{run.training_time_ms:.0f}ms step:{run.step}/{hp.iterations}"
+                + (f" (reserving {hp.reserve_seconds:g}s for GPTQ)" if hp.reserve_seconds else ""))
             capped = True
     save_checkpoint(run)
 
+def hessian_hook(sums: dict, counts: dict, key: str, device_type: str):
+    """Forward hook: sums[key] += X^T X in fp32 outside autocast (a bf16 product loses definiteness)."""
+    def hook(module, inputs, output):
+        with torch.autocast(device_type, enabled=False):
+            x = inputs[0].detach().flatten(0, -2).float()
+            xtx = x.T @ x
+        sums[key] = sums[key].add_(xtx) if key in sums else xtx
+        counts[key] = counts.get(key, 0) + x.size(0)
+    return hook
 
 @torch.no_grad()
 def collect_hessians(run: Run) -> dict[str, Tensor]:
-    """H = mean X^T X of the inputs of every large linear, over GPTQ_CALIB_BATCHES train batches."""
-    sums, counts, hooks = {}, {}, []
-    for name, m in run.model.named_modules():
-        if isinstance(m, CastedLinear) and m.weight.numel() > run.hp.keep_float_max_numel:
-            def hook(mod, inputs, output, key=f"{name}.weight"):
-                x = inputs[0].detach().flatten(0, -2).float()
-                sums[key] = sums.get(key, 0) + x.T @ x
-                counts[key] = counts.get(key, 0) + x.size(0)
-            hooks.append(m.register_forward_hook(hook))
+    """H = mean X^T X of every large linear's inputs over GPTQ_CALIB_BATCHES train batches, eval mode.
+    Published (GPTQ_CALIB_ALL_RANKS=0): rank 0, a fresh loader at the start of the train stream;
+    1: every rank on its slice of the continuing stream, summed in fp32."""
+    hp, rt = run.hp, run.rt
+    if not hp.gptq_calib_all_ranks and not rt.master:
+        return {}
+    loader = run.loader if hp.gptq_calib_all_ranks else DistributedTokenLoader(hp, rt)
+    sums, counts = {}, {}
+    hooks = [m.register_forward_hook(hessian_hook(sums, counts, f"{name}.weight", rt.device.type))
+             for name, m in run.model.named_modules()
+             if isinstance(m, CastedLinear) and m.weight.numel() > hp.keep_float_max_numel]
     run.model.eval()
-    for _ in range(run.hp.gptq_calib_batches):
-        x, y = run.loader.next_batch()
-        with run.rt.autocast():
-            run.model(x, y)
-    for h in hooks:
-        h.remove()
-    run.model.train()
+    try:
+        for _ in range(hp.gptq_calib_batches):
+            x, y = loader.next_batch()
+            with rt.autocast():
+                run.model(x, y)
+    finally:
+        for h in hooks:
+            h.remove()
+        run.model.train()
     out = {}
-    for key, h in sums.items():
-        n = torch.tensor(float(counts[key]), device=h.device)
-        if run.rt.world_size > 1:
+    for key in sorted(sums):
+        h, n = sums[key], torch.tensor(float(counts[key]), device=sums[key].device)
+        if hp.gptq_calib_all_ranks and rt.world_size > 1:
             dist.all_reduce(h, op=dist.ReduceOp.SUM)
             dist.all_reduce(n, op=dist.ReduceOp.SUM)
         out[key] = h / n
     return out
 
+FORMAT_LABELS = {"int8": "int8_zlib", "int6": "int6_zstd"}
 
-def export_artifact(run: Run, fmt: str, hessians: dict | None) -> tuple[Path, int]:
-    """Quantise and compress on rank 0; every rank then loads the file back into the model."""
+def export_artifact(run: Run, fmt: str, state: dict, hessians: dict | None) -> tuple[Path, int]:
+    """Quantise the float state and compress it on rank 0; print the size verdict at once."""
     path = run.run_dir / f"final_model.{fmt}.ptz"
     if run.rt.master:
-        blob = compress(quantize_state_dict(run.model.state_dict(), fmt, run.hp, hessians), fmt)
-        write_atomic(path, blob)
+        payload = quantize_state_dict(state, fmt, run.hp, hessians, run.data)
+        for name in payload["stats"]["gptq_fallbacks"]:
+            run.log(f"WARNING: gptq: {name}: Hessian not positive definite even with 100x damping; rounded to nearest")
+        if fmt == "int6":
+            run.log(f"prune: {payload['stats']['pruned']} int6 values set to 0 (PRUNE_PCT={run.hp.prune_pct:g}, "
+                    f"PRUNE_NONZERO={run.hp.prune_nonzero})")
+        write_atomic(path, compress(payload, fmt))
     if run.rt.world_size > 1:
         dist.barrier()
     model_bytes = path.stat().st_size
@@ -1223,63 +1335,67 @@ def export_artifact(run: Run, fmt: str, hessians: dict | None) -> tuple[Path, in
             f"{SIZE_CAP_BYTES:,}-byte cap)")
     return path, total
 
-
 def export_and_evaluate(run: Run) -> dict:
+    """Quantise every format from the same trained float weights, read each file back and score it
+    (the round trip is the score); the last of EXPORT_FORMATS is the headline."""
     hp, rt, log = run.hp, run.rt, run.log
     if run.ema is not None:
         run.model.load_state_dict({k: v.to(run.model.state_dict()[k].dtype) for k, v in run.ema.items()})
         log(f"ema: loaded EMA weights (decay {hp.ema_decay})")
-    refresh_qat(run.model, False)
+        run.last_eval = None
+    refresh_qat(run.model, False, bool(hp.quant_scale_floor))
+    float_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if rt.master:
-        save_atomic(run.model.state_dict(), run.run_dir / "final_model.pt")
-    metrics = {}
-    res = evaluate_bpb(run.compiled, rt, hp, run.val_tokens, run.luts)
-    log(f"final_float val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
-    metrics["float"] = res._asdict()
+        save_atomic(float_state, run.run_dir / "final_model.pt")
+
+    def score(label: str, model: nn.Module = run.compiled, res: EvalResult | None = None, **kw) -> dict:
+        res = res or evaluate_bpb(model, rt, hp, run.val_tokens, run.luts, **kw)
+        log(f"final_{label} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
+        return res._asdict()
+    done = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.step else None  # scored at the last step
+    metrics = {"float": score("float", res=done)}
     t0 = time.perf_counter()
-    hessians = collect_hessians(run) if hp.gptq_calib_batches > 0 else None
-    exported = {}
-    for fmt, label in (("int8", "int8_zlib"), ("int6", "int6_zstd")):
-        path, total = export_artifact(run, fmt, hessians if fmt == "int6" else None)
+    hessians = collect_hessians(run) if hp.uses_gptq else None
+    if hessians is not None:
+        log(f"gptq: hessians for {len(hessians)} matrices from {hp.gptq_calib_batches} batches in "
+            f"{1000 * (time.perf_counter() - t0):.0f}ms")
+    exported = {fmt: export_artifact(run, fmt, float_state, hessians if fmt == "int6" else None) for fmt in hp.formats}
+    for fmt, (path, total) in exported.items():
         run.model.load_state_dict(dequantize_state_dict(read_artifact(path)))
-        res = evaluate_bpb(run.compiled, rt, hp, run.val_tokens, run.luts)
-        log(f"final_{label}_roundtrip_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
-        metrics[f"{fmt}_roundtrip"] = {**res._asdict(), "bytes_total": total, "artifact": str(path)}
-        exported[fmt] = (path, total)
+        metrics[f"{fmt}_roundtrip"] = {**score(f"{FORMAT_LABELS[fmt]}_roundtrip_exact"), "bytes_total": total}
     log(f"export_and_roundtrip_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    final = hp.formats[-1]  # the model now holds this format's round trip
     if hp.eval_sliding:
-        res = evaluate_bpb(run.compiled, rt, hp, run.val_tokens, run.luts, stride=hp.eval_stride)
-        log(f"final_int6_zstd_sliding_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f} stride:{hp.eval_stride}")
-        metrics["int6_sliding"] = res._asdict()
+        metrics[f"{final}_sliding"] = score(f"{FORMAT_LABELS[final]}_sliding_exact", stride=hp.eval_stride)
     if hp.dynamic_cap and hp.is_hnet:
-        res = evaluate_bpb(run.model, rt, hp, run.val_tokens, run.luts, dynamic_cap=True)
-        log(f"final_int6_zstd_dynamic_cap val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
-        metrics["int6_dynamic_cap"] = res._asdict()
-    metrics["bytes_total"], metrics["bytes_code"] = exported["int6"][1], code_bytes()
+        metrics[f"{final}_dynamic_cap"] = score(f"{FORMAT_LABELS[final]}_dynamic_cap", run.model, dynamic_cap=True)
+    metrics["headline_format"] = final
+    metrics["bytes_total"], metrics["bytes_code"] = exported[final][1], code_bytes()
     metrics["over_cap"] = metrics["bytes_total"] > SIZE_CAP_BYTES
     if metrics["over_cap"]:
-        log(f"ERROR: the int6 artifact is {metrics['bytes_total']:,} bytes, over the {SIZE_CAP_BYTES:,}-byte cap")
+        log(f"ERROR: the {final} artifact is {metrics['bytes_total']:,} bytes, over the {SIZE_CAP_BYTES:,}-byte cap")
     if rt.master:
         write_submission(run, metrics)
     return metrics
 
-
 def write_submission(run: Run, metrics: dict) -> None:
     """submission.json in the challenge's record-folder format, plus what a reader needs to trust it."""
-    headline = metrics.get("int6_sliding", metrics["int6_roundtrip"])
+    final = metrics["headline_format"]
+    headline = metrics.get(f"{final}_sliding", metrics[f"{final}_roundtrip"])
     hardware = (f"{run.rt.world_size}x{torch.cuda.get_device_name(run.rt.device)}" if run.rt.is_cuda
                 else f"{run.rt.world_size}x CPU ({platform.processor() or platform.machine()})")
+    tokenizer = "byte260" if not run.hp.uses_sentencepiece else f"sp{run.hp.vocab_size}"
+    export = "GPTQ int6 + zstd-22" if final == "int6" else "int8 + zlib-9"
     sub = {"author": run.hp.submission_author, "name": run.hp.submission_name or run.hp.run_id,
-           "blurb": f"H-Net ({'byte260' if not run.hp.uses_sentencepiece else 'sp' + str(run.hp.vocab_size)}), "
-                    f"{run.hp.num_layers} layers, OUTER_LAYERS={run.hp.outer_layers}, GPTQ int6 + zstd-22",
+           "blurb": f"{'H-Net' if run.hp.is_hnet else 'GPT'} ({tokenizer}), {run.hp.num_layers} layers, "
+                    f"OUTER_LAYERS={run.hp.outer_layers}, {export}",
            "date": time.strftime("%Y-%m-%d"), "val_loss": headline["val_loss"], "val_bpb": headline["val_bpb"],
            "bytes_total": metrics["bytes_total"], "bytes_code": metrics["bytes_code"],
-           "pre_quant_val_bpb": metrics["float"]["val_bpb"], "roundtrip_val_bpb": metrics["int6_roundtrip"]["val_bpb"],
-           "int8_zlib_roundtrip_val_bpb": metrics["int8_roundtrip"]["val_bpb"], "seeds": [run.hp.seed],
-           "steps": run.step, "train_time_ms": round(run.training_time_ms), "hardware": hardware,
-           "torch_version": torch.__version__}
+           "pre_quant_val_bpb": metrics["float"]["val_bpb"], "roundtrip_val_bpb": metrics[f"{final}_roundtrip"]["val_bpb"],
+           **{f"{fmt}_roundtrip_val_bpb": metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in run.hp.formats},
+           "seeds": [run.hp.seed], "steps": run.step, "train_time_ms": round(run.training_time_ms),
+           "hardware": hardware, "torch_version": torch.__version__, "data": run.data}
     write_atomic(run.run_dir / "submission.json", (json.dumps(sub, indent=2) + "\n").encode())
-
 
 def log_header(run: Run, warnings: list[str]) -> None:
     log = run.log
@@ -1288,16 +1404,27 @@ def log_header(run: Run, warnings: list[str]) -> None:
     log(f"python:{sys.version.split()[0]} torch:{torch.__version__} numpy:{np.__version__}", console=False)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout, console=False)
-    for key, value in asdict(run.hp).items():
-        log(f"{key}:{value}", console=False)
+    log("\n".join(f"{key}:{value}" for key, value in asdict(run.hp).items()), console=False)
+    log(f"data:{json.dumps(run.data)}", console=False)
     for w in warnings:
         log(f"WARNING: {w}")
     log(f"world_size:{run.rt.world_size} grad_accum_steps:{run.rt.grad_accum_steps} device:{run.rt.device} "
-        f"compile:{run.rt.compile}")
+        f"compile:{run.rt.compile} autocast:{run.rt.autocast_dtype or 'off'}")
     log(f"model_params:{sum(p.numel() for p in run.model.parameters())}")
 
-
-def build_run(hp: Hyperparameters, rt: Runtime) -> Run:
+def build_run(hp: Hyperparameters, rt: Runtime) -> tuple[Run, list[str]]:
+    """Check every input before the run folder exists (a failed start leaves nothing behind)."""
+    luts = build_byte_luts(hp, rt.device)
+    val = load_validation(hp)
+    loader = DistributedTokenLoader(hp, rt)
+    if hp.resume_from and not os.path.isfile(hp.resume_from):
+        raise ConfigError(f"RESUME_FROM={hp.resume_from}: no such checkpoint")
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    model = HNet(hp).to(rt.device)
+    # fullgraph: a graph break is an error, not a silent slowdown; static shapes (fixed chunk cap).
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=hp.compile_backend) if rt.compile else model
     if not hp.run_id:
         run_id = [time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]]
         if rt.world_size > 1:
@@ -1306,30 +1433,25 @@ def build_run(hp: Hyperparameters, rt: Runtime) -> Run:
     run_dir = Path(hp.output_dir or os.path.join("runs", hp.run_id))
     if rt.master:
         run_dir.mkdir(parents=True, exist_ok=True)
-    luts = build_byte_luts(hp, rt.device)
-    val_tokens = load_validation_tokens(hp)
-    random.seed(hp.seed)
-    np.random.seed(hp.seed)
-    torch.manual_seed(hp.seed)
-    model = HNet(hp).to(rt.device)
-    compiled = torch.compile(model, dynamic=False) if rt.compile else model
-    run = Run(hp, rt, RunLog(run_dir / "train.log" if rt.master else None), run_dir, model, compiled,
-              build_optimizers(model, hp, rt), DistributedTokenLoader(hp, rt), val_tokens, luts)
+    run = Run(hp, rt, run_log(run_dir / "train.log" if rt.master else None), run_dir, model, compiled,
+              build_optimizers(model, hp, rt), loader, val.tokens, luts, val.fingerprint)
     if hp.ema_decay > 0:
         run.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    return run
-
+    return run, val.warnings
 
 def run_training(hp: Hyperparameters, warnings: list[str] = ()) -> tuple[Run, dict]:
-    """The whole run in this process (one rank of it under torchrun). Raises ConfigError on bad
-    input and TrainingStopped on a NaN loss or a signal (after writing a checkpoint)."""
+    """The whole run in this process (one rank under torchrun). Raises ConfigError, TrainingStopped
+    (NaN loss; a signal: the first stops after the step with a checkpoint, a second at once) or
+    NonFiniteScore. Export and final evaluation run with the default signal handlers."""
     rt = setup_device(hp)
-    run = build_run(hp, rt)
+    run, data_warnings = build_run(hp, rt)
     if rt.master:
         print(f"run_dir:{run.run_dir}", flush=True)
-    log_header(run, list(warnings))
+    log_header(run, list(warnings) + data_warnings)
 
     def on_signal(signum, frame):
+        if run.signal_received:
+            raise TrainingStopped(f"aborted by a second signal {signum}", 128 + signum)
         run.signal_received = signum
     handlers = {}
     with contextlib.suppress(ValueError):  # signals can only be caught on the main thread
@@ -1339,13 +1461,12 @@ def run_training(hp: Hyperparameters, warnings: list[str] = ()) -> tuple[Run, di
         if hp.resume_from:
             load_checkpoint(run, hp.resume_from)
         train(run)
-        metrics = export_and_evaluate(run)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+    metrics = export_and_evaluate(run)
     run.log(f"run_dir:{run.run_dir}")
     return run, metrics
-
 
 def main() -> int:
     try:
@@ -1357,13 +1478,19 @@ def main() -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except NonFiniteScore as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 3
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = e.exit_code
+    except KeyboardInterrupt:
+        print("stopped: interrupted after training (during export or evaluation); the final checkpoint is in "
+              "the run folder's checkpoints/, and RESUME_FROM=<it> redoes the export", file=sys.stderr)
+        code = 130
     if dist.is_initialized():
         dist.destroy_process_group()
     return code
-
 
 if __name__ == "__main__":
     sys.exit(main())
