@@ -13,6 +13,8 @@ learned chunks afterwards; runs on several processes are handed to torchrun.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import os
 import shlex
@@ -26,6 +28,10 @@ ROOT = Path(__file__).resolve().parent
 STUDIES = ROOT / "studies"
 SAMPLE_DOCS = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
 SAMPLE_EXPORT = ROOT / "data" / "sample_export"
+# Overrides with these prefixes are for torch, NCCL or the OpenMP runtime, not the trainer: they
+# pass through unchecked. Every other KEY must be a field of the trainer's Hyperparameters.
+PASSTHROUGH_PREFIXES = ("TORCH_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "PYTORCH_", "NCCL_", "GLOO_", "CUDA_",
+                        "NVIDIA_", "OMP_", "MKL_", "KMP_", "TRITON_", "HF_")
 
 
 def study_dir(name: str) -> Path:
@@ -40,6 +46,18 @@ def load_runs(study: Path) -> dict:
     return json.loads((study / "runs.json").read_text())["runs"]
 
 
+def check_keys(trainer, keys, where: str) -> None:
+    """Every KEY must name a trainer variable (or pass through to torch/NCCL/OpenMP)."""
+    known = [f.name.upper() for f in dataclasses.fields(trainer.Hyperparameters)]
+    for key in keys:
+        if key in known or key.startswith(PASSTHROUGH_PREFIXES):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        close = close or [k for k in known if key in k][:1]  # SEQ_LEN -> TRAIN_SEQ_LEN
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise SystemExit(f"error: {where}: {key} is not a variable of {trainer.__file__}{hint}")
+
+
 def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
     runs = load_runs(study)
     if run not in runs:
@@ -50,6 +68,9 @@ def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
         if not sep or not key.isupper():
             raise SystemExit(f"error: override {item!r} is not KEY=VALUE")
         env[key] = value
+    trainer = eval_bpb.import_file(study / "train_gpt.py")
+    check_keys(trainer, runs[run]["env"], f"{study.name}/runs.json run {run}")
+    check_keys(trainer, [o.partition("=")[0] for o in overrides], "override")
     for key, value in env.items():  # paths in runs.json are relative to the repository root
         if key in ("DATA_PATH", "TOKENIZER_PATH") and value.startswith("./"):
             env[key] = str(ROOT / value)
@@ -85,6 +106,9 @@ def run_in_process(study: Path, env: dict, demo: bool) -> int:
     except trainer.TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except trainer.NonFiniteScore as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if demo:
         print_demo_summary(trainer, run, metrics, time.time() - t0)
     return 4 if metrics["over_cap"] else 0
@@ -92,22 +116,25 @@ def run_in_process(study: Path, env: dict, demo: bool) -> int:
 
 def print_demo_summary(trainer, run, metrics: dict, seconds: float) -> None:
     hp = run.hp
-    report = eval_bpb.boundary_report(trainer, run.model, hp, run.val_tokens, run.rt.device)
-    rt6 = metrics["int6_roundtrip"]
+    labels = {"int8": "int8+zlib", "int6": "int6+zstd"}
+    final = metrics["headline_format"]
     print("\n" + "=" * 80)
-    print(f"CPU demo done in {seconds:.0f}s: {run.step} steps, {hp.num_layers}x{hp.model_dim} H-Net "
-          f"(outer {hp.outer_layers}), {sum(p.numel() for p in run.model.parameters()):,} parameters")
-    print(f"val_bpb  float {metrics['float']['val_bpb']:.4f} | int8+zlib round trip "
-          f"{metrics['int8_roundtrip']['val_bpb']:.4f} | int6+zstd round trip {rt6['val_bpb']:.4f}"
-          + (f" | int6 sliding (stride {hp.eval_stride}) {metrics['int6_sliding']['val_bpb']:.4f}"
-             if "int6_sliding" in metrics else ""))
+    print(f"CPU demo done in {seconds:.0f}s: {run.step} steps, {hp.num_layers}x{hp.model_dim} "
+          f"{'H-Net (outer %d)' % hp.outer_layers if hp.is_hnet else 'GPT'}, "
+          f"{sum(p.numel() for p in run.model.parameters()):,} parameters")
+    print(f"val_bpb  float {metrics['float']['val_bpb']:.4f}"
+          + "".join(f" | {labels[f]} round trip {metrics[f + '_roundtrip']['val_bpb']:.4f}" for f in hp.formats)
+          + (f" | {final} sliding (stride {hp.eval_stride}) {metrics[final + '_sliding']['val_bpb']:.4f}"
+             if final + "_sliding" in metrics else ""))
     print(f"artifact {metrics['bytes_total']:,} bytes (code {metrics['bytes_code']:,}) of the 16,000,000 cap: "
           f"{'under' if not metrics['over_cap'] else 'OVER'}")
-    print(f"router: {report['tokens_per_chunk']:.2f} bytes per chunk (target {hp.target_avg_chunk_len:g}); "
-          f"boundaries on word starts: precision {report['precision']:.3f}, recall {report['recall']:.3f} "
-          f"(one byte before / after word starts: precision {report['precision_shift_minus1']:.3f} / "
-          f"{report['precision_shift_plus1']:.3f})")
-    print(f"a validation paragraph in its learned chunks:\n{report['example']}")
+    if hp.is_hnet:  # a plain GPT has no router to report on
+        report = eval_bpb.boundary_report(trainer, run.model, hp, run.val_tokens, run.rt.device)
+        print(f"router: {report['tokens_per_chunk']:.2f} bytes per chunk (target {hp.target_avg_chunk_len:g}); "
+              f"boundaries on word starts: precision {report['precision']:.3f}, recall {report['recall']:.3f} "
+              f"(one byte before / after word starts: precision {report['precision_shift_minus1']:.3f} / "
+              f"{report['precision_shift_plus1']:.3f})")
+        print(f"a validation paragraph in its learned chunks:\n{report['example']}")
     print(f"run folder: {run.run_dir}")
 
 
@@ -137,13 +164,24 @@ def main(argv=None) -> int:
         args.study, args.run = "02", "cpu_demo"
     if args.run is None:
         p.error("give a run name after the study (see --list)")
+    if "=" in args.run:
+        p.error(f"{args.run!r} stands where a run name goes: give the run first, e.g. "
+                f"train_hnet.py {args.study} <run> {args.run} (see --list)")
+    if args.nproc is not None and args.nproc < 1:
+        p.error(f"--nproc {args.nproc}: must be at least 1")
     study = study_dir(args.study)
     env, nproc = run_env(study, args.run, args.overrides)
     nproc = args.nproc or nproc
-    trainer = study / "train_gpt.py"
-    cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(trainer)]
+    trainer = eval_bpb.import_file(study / "train_gpt.py")
+    try:  # the dry run and the launch both validate the whole configuration first
+        trainer.Hyperparameters.from_env(env)
+    except trainer.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(study / "train_gpt.py")]
     if args.dry_run:
-        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + " ".join(cmd))
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + " ".join(map(shlex.quote, cmd)))
         return 0
     if args.run == "cpu_demo":
         ensure_sample_export()
