@@ -24,6 +24,7 @@ import io
 import json
 import lzma
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -203,11 +204,11 @@ class _ZstdFile(io.RawIOBase):
         super().close()
 
 
-def _open_zstd(path, mode, encoding):
-    return io.TextIOWrapper(io.BufferedReader(_ZstdFile(path)), encoding=encoding)
+def _open_zstd(path, mode):
+    return io.BufferedReader(_ZstdFile(path))
 
 
-OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".zst": _open_zstd, ".zstd": _open_zstd}
+OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".zst": _open_zstd, ".zstd": _open_zstd}  # binary readers
 
 
 class DocumentFile:
@@ -237,18 +238,33 @@ class DocumentFile:
         if opener is _open_zstd:
             import zstandard
             read_errors += (zstandard.ZstdError,)  # corrupt data (not a subclass of the above)
-        line_no = 0
+        position = {"line": 0, "offset": 0}
         try:
-            with opener(self.path, "rt", encoding="utf-8") as f:
+            with opener(self.path, "rb") as f:
+                lines = self._decoded_lines(f, position)
                 if self.jsonl:
-                    for line_no, line in enumerate(f, 1):
+                    for line in lines:
                         if line.strip():
-                            yield self._text_field(json.loads(line), line_no)
+                            yield self._text_field(json.loads(line), position["line"])
                 else:
-                    yield from self._blank_line_blocks(f)
+                    yield from self._blank_line_blocks(lines)
         except read_errors as e:
-            where = f" line {line_no}" if line_no else ""
+            where = f" line {position['line']} (byte offset {position['offset']})" if position["line"] else ""
             raise DataError(f"{self.path}{where}: cannot read documents ({e})") from e
+
+    @staticmethod
+    def _decoded_lines(f, position: dict) -> Iterator[str]:
+        """Lines decoded one at a time, so a UTF-8 error names its own line and byte offset
+        (a text-mode reader decodes ahead and blames an earlier line)."""
+        for raw in f:
+            position["line"] += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                position["offset"] += e.start
+                raise
+            yield text[:-2] + "\n" if text.endswith("\r\n") else text  # as text mode would
+            position["offset"] += len(raw)
 
     def _text_field(self, record, line_no: int) -> str:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -482,9 +498,9 @@ def export(docs, output_root, tokenizer_specs, num_val_docs: int | None = None, 
     sidecar = sidecar or {}
     if num_val_docs is None:
         num_val_docs = int(sidecar.get("docs_val", DEFAULT_NUM_VAL_DOCS))
-    if num_val_docs < 0 or shard_size <= 0:
-        raise DataError(f"num_val_docs must be >= 0 and shard_size > 0, got {num_val_docs} "
-                        f"and {shard_size}")
+    if num_val_docs < 1 or shard_size <= 0:
+        raise DataError(f"--num-val-docs must be at least 1 (the validation split cannot be empty) "
+                        f"and --shard-size positive, got {num_val_docs} and {shard_size}")
     if num_docs is None:
         num_docs = int(sidecar.get("num_docs") or sum(1 for _ in docs))
     if num_docs == 0:
@@ -494,6 +510,8 @@ def export(docs, output_root, tokenizer_specs, num_val_docs: int | None = None, 
         raise DataError(f"{label}: {num_docs} documents, but the first {num_val_docs} are "
                         f"validation (--num-val-docs) and at least one training document is "
                         f"needed")
+    if Path(output_root).exists() and not Path(output_root).is_dir():
+        raise DataError(f"--output-root {output_root}: exists and is not a directory")
     plan = ExportPlan(docs, label, Path(output_root), num_docs, num_val_docs, shard_size,
                       tokenizer_train_includes_val, tokenizer_train_docs, progress)
 
@@ -543,14 +561,14 @@ def write_datasets(plan: ExportPlan, specs: list[TokenizerSpec], encoders: dict)
     dataset's val or train shards; return the manifest's dataset entries."""
     from tqdm import tqdm
 
-    writers = {}
+    # Shards go to a staging folder renamed into place only when the export succeeded, so an
+    # interrupted export never leaves a partial dataset where a trainer would read it.
+    writers, staging = {}, {}
     for spec in specs:
-        directory = plan.output_root / "datasets" / spec.dataset_name
-        directory.mkdir(parents=True, exist_ok=True)
-        for split in ("val", "train"):  # shards of an earlier export must not mix in
-            for stale in directory.glob(f"fineweb_{split}_*.bin"):
-                stale.unlink()
-        writers[spec.name] = {split: ShardWriter(directory, split, plan.shard_size)
+        staging[spec.name] = plan.output_root / "datasets" / f".{spec.dataset_name}.partial"
+        shutil.rmtree(staging[spec.name], ignore_errors=True)
+        staging[spec.name].mkdir(parents=True)
+        writers[spec.name] = {split: ShardWriter(staging[spec.name], split, plan.shard_size)
                               for split in ("val", "train")}
     text_bytes, seen = {"val": 0, "train": 0}, 0
     with tqdm(plan.docs, total=plan.num_docs, unit="doc", desc="export", mininterval=1.0,
@@ -571,6 +589,13 @@ def write_datasets(plan: ExportPlan, specs: list[TokenizerSpec], encoders: dict)
         val, train = writers[spec.name]["val"], writers[spec.name]["train"]
         val.flush()
         train.flush()
+        final = plan.output_root / "datasets" / spec.dataset_name
+        if final.exists():  # the earlier export goes only once the new one is complete
+            old = final.with_name(f".{spec.dataset_name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            shutil.rmtree(old)
+        staging[spec.name].rename(final)
         datasets.append({
             "name": spec.dataset_name, "tokenizer_name": spec.name, "tokenizer_kind": spec.kind,
             "path": f"datasets/{spec.dataset_name}", "vocab_size": spec.vocab_size,

@@ -47,20 +47,20 @@ def test_truncated_compressed_file(capsys, tmp_path, suffix, compress):
     assert code == 1 and str(path) in err and "cannot read documents" in err
 
 
-def test_unreadable_docs_file(capsys, tmp_path):
+def test_unreadable_docs_file(capsys, tmp_path, monkeypatch):
     path = jsonl(tmp_path / "docs.jsonl", ["a", "b"])
-    path.chmod(0)
-    try:
-        path.read_bytes()
-        pytest.skip("running as a user who can read any file")
-    except PermissionError:
-        pass
+
+    def denied(file, *a, **k):  # what open() raises for a file without read permission
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *a, **k)
+    monkeypatch.setattr(ex, "open", denied, raising=False)  # the exporter's plain-file opener
     code, err = run(capsys, tmp_path, path)
-    assert code == 1 and str(path) in err
+    assert code == 1 and str(path) in err and "Permission denied" in err
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("not json", "line 2: cannot read documents"),
+    ("not json", "line 2 (byte offset 17): cannot read documents"),
     ('{"body": "no text field"}', "line 2: expected a JSON object with a string 'text' field"),
 ])
 def test_bad_jsonl_line_is_named(capsys, tmp_path, line, expected):
@@ -131,3 +131,25 @@ def test_sidecar_count_that_disagrees_with_the_file(capsys, tmp_path):
     (tmp_path / "docs.meta.json").write_text(json.dumps({"docs_val": 1, "num_docs": 5}))
     code, err = run(capsys, tmp_path, path)
     assert code == 1 and f"{path}: read 3 documents, its sidecar says 5" in err
+
+
+def test_non_utf8_line_is_named_by_its_own_line_and_byte_offset(capsys, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    lines = [b'{"text": "one"}\n', b'{"text": "two"}\n', b'{"text": "three"}\n', b'{"text": "caf\xe9"}\n']
+    path.write_bytes(b"".join(lines * 300))  # the bad line recurs; the first one is line 4
+    code, err = run(capsys, tmp_path, path)
+    offset = sum(len(x) for x in lines[:3]) + lines[3].index(b"\xe9")
+    assert code == 1 and f"{path} line 4 (byte offset {offset}): cannot read documents" in err
+
+
+def test_an_empty_validation_split_is_refused(capsys, tmp_path):
+    code, err = run(capsys, tmp_path, jsonl(tmp_path / "docs.jsonl", ["a", "b", "c"]), BYTE_SPEC,
+                    "--num-val-docs", "0")
+    assert code == 1 and "--num-val-docs must be at least 1" in err
+
+
+def test_an_output_root_that_is_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    code = ex.main(["--docs", str(jsonl(tmp_path / "docs.jsonl", ["a", "b"])), "--output-root",
+                    str(tmp_path / "out"), "--tokenizer-config", str(BYTE_SPEC), "--num-val-docs", "1"])
+    assert code == 1 and "exists and is not a directory" in capsys.readouterr().err

