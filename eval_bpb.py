@@ -256,10 +256,11 @@ def evaluate(args) -> tuple[dict, int]:
     luts = trainer.build_byte_luts(hp, rt.device)
     try:
         results["roundtrip"] = trainer.evaluate_bpb(model, rt, hp, val.tokens, luts)._asdict()
-        if args.sliding:
+        # Study 01's trainer has neither: it scores non-overlapping windows, always with the dynamic cap.
+        if args.sliding and hasattr(hp, "eval_stride"):
             results["sliding"] = trainer.evaluate_bpb(model, rt, hp, val.tokens, luts, stride=hp.eval_stride)._asdict()
             results["sliding"]["stride"] = hp.eval_stride
-        if args.dynamic_cap and hp.is_hnet:
+        if args.dynamic_cap and hp.is_hnet and hasattr(hp, "chunk_divisor"):
             results["dynamic_cap"] = trainer.evaluate_bpb(model, rt, hp, val.tokens, luts, dynamic_cap=True)._asdict()
     except trainer.NonFiniteScore as e:
         raise EvalError(f"{args.artifact}: {e}", 5) from None

@@ -3,7 +3,8 @@
     python train_hnet.py                          # CPU demo: study 02 on the embedded corpus
     python train_hnet.py --list                   # every named run of every study
     python train_hnet.py 02 byte260_10min         # a published run (torchrun on its nproc)
-    python train_hnet.py 02 byte260_10min SEED=7 --nproc 1 --dry-run
+    python train_hnet.py --study 01 byte260_10min --seeds 1337,1234,2026   # one after another
+    python train_hnet.py 02 byte260_10min --seed 7 --nproc 1 --dry-run
 
 A run's environment comes from the study's runs.json; KEY=VALUE arguments override it (change
 one thing, run again). Runs on one process execute in this process, so the demo can show the
@@ -18,6 +19,8 @@ import difflib
 import json
 import os
 import shlex
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,21 +146,121 @@ def list_runs() -> None:
         for name, r in load_runs(study).items():
             pub = r.get("published") or {}
             bpb = f"published {pub['val_bpb']:.4f}" if "val_bpb" in pub else "not a published run"
+            if "val_bpb_std" in pub:
+                bpb += f" +- {pub['val_bpb_std']:.3f} ({pub['seeds']} seeds)"
             print(f"{study.name[:2]} {name:<28} nproc {r.get('nproc', 1)}  {bpb}: {r.get('description', '')}")
+
+
+def estimate_size(trainer, hp) -> dict:
+    """The run's parameter count, fp32 bytes and an estimate of its artifact, without training or
+    data: one matrix of each shape is filled with N(0, 1) weights (so a scale floor does not bind),
+    quantised and compressed in the trainer's final format (round to nearest, no Hessian), and its
+    bytes per element scaled to every matrix of that shape; small tensors count at their stored
+    width. Trained weights compress differently: this is an estimate, labelled as one."""
+    import torch
+
+    with torch.device("meta"):
+        model = trainer.HNet(hp)
+    fmt = hp.formats[-1]
+    shapes, small = {}, 0
+    for name, p in model.state_dict().items():
+        if p.ndim == 2 and p.numel() > hp.keep_float_max_numel:
+            key = (tuple(p.shape), fmt == "int8" or name == "tok_emb.weight")
+            shapes[key] = shapes.get(key, 0) + 1
+        else:
+            small += p.numel() * (4 if any(k in name for k in trainer.CONTROL_NAMES) else 2)
+    g = torch.Generator().manual_seed(0)
+    model_bytes = small
+    for (shape, as_int8), count in shapes.items():
+        w = torch.randn(shape, generator=g)
+        if as_int8:
+            q, scale = trainer.quantize_int8_rows(w, bool(hp.quant_scale_floor))
+        else:
+            q, scale = trainer.quantize_int6_matrix(w, None, hp)
+            trainer.prune_int6({"w": (q, scale)}, hp.prune_pct, bool(hp.prune_nonzero))
+        model_bytes += count * len(trainer.compress({"q": q, "scale": scale}, fmt))
+    params = sum(p.numel() for p in model.parameters())
+    code = len((Path(trainer.__file__)).read_bytes())
+    return {"model_params": params, "float_bytes": 4 * params, "format": fmt, "code_bytes": code,
+            "estimated_model_bytes": model_bytes, "estimated_total_bytes": code + model_bytes}
+
+
+def print_estimate(e: dict, cap: int, published: dict | None) -> None:
+    label = {"int8": "int8 + zlib-9", "int6": "int6 + zstd-22"}[e["format"]]
+    total = e["estimated_total_bytes"]
+    print(f"model_params:{e['model_params']}")
+    print(f"float_bytes:{e['float_bytes']} (fp32 weights)")
+    print(f"estimated_artifact_bytes:{total} ({label}: model ~{e['estimated_model_bytes']:,} + code "
+          f"{e['code_bytes']:,}) = {total / cap:.1%} of the {cap:,}-byte cap"
+          f"{'' if total <= cap else ' (the estimate is over it)'}")
+    print("  an ESTIMATE from Gaussian weights, not a trained model: trained weights are heavier-tailed and "
+          "usually compress a few percent better; the real size is printed after training"
+          + (f"; the published artifact was {published['bytes_total']:,} bytes" if "bytes_total" in (published or {}) else ""))
+
+
+def run_seeds(study: Path, run: str, env: dict, nproc: int, seeds: list[int], cmd: list[str]) -> int:
+    """Run the same configuration once per seed, one after another; then the per-seed table and
+    mean and sample std of the headline BPB, as the studies report them."""
+    rows, stamp = [], time.strftime("%Y%m%d_%H%M%S")
+    for seed in seeds:
+        run_id = f"{run}_seed{seed}_{stamp}"
+        out = Path(env["OUTPUT_DIR"]) / run_id if env.get("OUTPUT_DIR") else ROOT / "runs" / run_id
+        seed_env = {**env, "SEED": str(seed), "RUN_ID": run_id, "OUTPUT_DIR": str(out)}
+        print(f"=== seed {seed}: {out}", flush=True)
+        if nproc == 1:
+            code = run_in_process(study, seed_env, demo=False)
+        else:
+            code = subprocess.run(cmd, env={**os.environ, **seed_env}).returncode
+        sub_path = out / "submission.json"
+        if code != 0 or not sub_path.is_file():
+            print(f"error: seed {seed} exited with {code}; no summary over an incomplete set of seeds", file=sys.stderr)
+            return code or 1
+        sub = json.loads(sub_path.read_text())
+        rows.append((seed, sub["steps"], sub["val_bpb"], sub["bytes_total"]))
+    print(f"\n{'seed':>6}{'steps':>9}{'val_bpb':>12}{'bytes_total':>14}")
+    for seed, steps, bpb, size in rows:
+        print(f"{seed:>6}{steps:>9}{bpb:>12.6f}{size:>14,}")
+    bpbs = [r[2] for r in rows]
+    std = statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0
+    print(f"mean val_bpb {statistics.mean(bpbs):.6f} +- {std:.6f} (sample std over {len(bpbs)} seeds), "
+          f"best {min(bpbs):.6f} (seed {rows[bpbs.index(min(bpbs))][0]})")
+    return 0
+
+
+def parse_seeds(text: str, published: list) -> list[int]:
+    if text == "published":
+        if not published:
+            raise SystemExit("error: --seeds without a list: this run has no published seeds in runs.json")
+        return list(published)
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {text!r}: expected integers separated by commas, e.g. 1337,1234,2026") from None
+    if not seeds:
+        raise SystemExit("error: --seeds: no seed given")
+    return seeds
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("study", nargs="?", help="study folder or its number prefix, e.g. 02")
+    p.add_argument("study", nargs="?", help="study folder or its number prefix, e.g. 02 (or --study)")
     p.add_argument("run", nargs="?", help="a run name from the study's runs.json")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE environment overrides")
+    p.add_argument("--study", dest="study_opt", metavar="STUDY", help="the study, as an option")
+    p.add_argument("--seed", type=int, help="the run's seed (the same as SEED=S)")
+    p.add_argument("--seeds", nargs="?", const="published", metavar="S1,S2,...",
+                   help="run once per seed, one after another, then print mean and std (alone: the run's published seeds)")
     p.add_argument("--nproc", type=int, help="processes (default: the run's nproc)")
     p.add_argument("--list", action="store_true", help="list every named run")
-    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the command, the parameter count and an artifact size estimate; run nothing")
     args = p.parse_args(argv)
     if args.list:
         list_runs()
         return 0
+    if args.study_opt:  # --study 01 RUN: the positionals shift by one
+        args.overrides = [a for a in (args.run,) if a] + args.overrides
+        args.study, args.run = args.study_opt, args.study
     demo = args.study is None
     if demo or "=" in (args.study or ""):  # bare call, possibly with overrides: the demo
         args.overrides = [a for a in (args.study, args.run) if a] + args.overrides
@@ -169,22 +272,32 @@ def main(argv=None) -> int:
                 f"train_hnet.py {args.study} <run> {args.run} (see --list)")
     if args.nproc is not None and args.nproc < 1:
         p.error(f"--nproc {args.nproc}: must be at least 1")
+    if args.seed is not None:
+        args.overrides.append(f"SEED={args.seed}")
     study = study_dir(args.study)
     env, nproc = run_env(study, args.run, args.overrides)
     nproc = args.nproc or nproc
+    seeds = parse_seeds(args.seeds, load_runs(study)[args.run].get("seeds")) if args.seeds else None
+    if seeds and args.seed is not None:
+        p.error("give --seed or --seeds, not both")
     trainer = eval_bpb.import_file(study / "train_gpt.py")
     try:  # the dry run and the launch both validate the whole configuration first
-        trainer.Hyperparameters.from_env(env)
+        hp, _ = trainer.Hyperparameters.from_env(env)
     except trainer.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(study / "train_gpt.py")]
     if args.dry_run:
-        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + " ".join(map(shlex.quote, cmd)))
+        for seed in seeds or [None]:
+            seed_env = env if seed is None else {**env, "SEED": str(seed)}
+            print(" ".join(f"{k}={shlex.quote(v)}" for k, v in seed_env.items()) + " " + " ".join(map(shlex.quote, cmd)))
+        print_estimate(estimate_size(trainer, hp), trainer.SIZE_CAP_BYTES, load_runs(study)[args.run].get("published"))
         return 0
-    if args.run == "cpu_demo":
+    if args.run == "cpu_demo" or "sample_export" in env.get("DATA_PATH", ""):
         ensure_sample_export()
+    if seeds:
+        return run_seeds(study, args.run, env, nproc, seeds, cmd)
     if nproc == 1:
         return run_in_process(study, env, demo=args.run == "cpu_demo")
     os.execvpe(cmd[0], cmd, {**os.environ, **env})

@@ -31,8 +31,18 @@ TINY_ENV = {
 }
 
 
+def study01():
+    return load_module("studies/01_hnet_byte260_vs_sp1024/train_gpt.py")
+
+
+def tiny_env(t) -> dict:
+    """TINY_ENV restricted to the variables this trainer has (study 01 has no sliding eval or GPTQ)."""
+    known = set(t.Hyperparameters.__dataclass_fields__)
+    return {k: v for k, v in TINY_ENV.items() if k.lower() in known}
+
+
 def tiny_hparams(t, **overrides):
-    hp, _ = t.Hyperparameters.from_env({**TINY_ENV, **overrides})
+    hp, _ = t.Hyperparameters.from_env({**tiny_env(t), **overrides})
     return hp
 
 

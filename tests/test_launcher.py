@@ -1,6 +1,7 @@
 """The launcher: every KEY checked against the trainer, dry runs validate, commands that work
 from an unactivated venv, and clear errors for misplaced arguments."""
 import json
+import re
 import shlex
 import sys
 
@@ -37,7 +38,7 @@ def test_the_dry_run_validates_values_before_printing(capsys):
 def test_the_dry_run_prints_a_command_that_runs_without_an_activated_venv(capsys):
     code, out, _ = launch(capsys, "02", "byte260_10min", "SEED=7", "NCCL_DEBUG=INFO", "--nproc", "2", "--dry-run")
     assert code == 0
-    words = shlex.split(out)
+    words = shlex.split(out.splitlines()[0])  # the command; the size estimate follows it
     assert "SEED=7" in words and "NCCL_DEBUG=INFO" in words  # torch/NCCL variables pass through
     start = words.index(sys.executable)
     assert words[start:start + 5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -69,3 +70,78 @@ def test_the_baseline_preset_trains_the_whole_600_seconds():
     env = json.loads((ROOT / "studies/02_improved_hnet_byte260_and_sp1024/runs.json").read_text())
     hp, _ = t.Hyperparameters.from_env(env["runs"]["baseline_gpt_sp1024_10min"]["env"])
     assert t.training_cap_ms(hp) == 600_000 and hp.formats == ["int8"] and not hp.eval_sliding
+
+
+# The spec's parameter counts of the published configurations.
+PUBLISHED_PARAMS = {
+    ("01", "byte260_10min"): 17_455_176, ("01", "byte260_4h"): 17_455_176, ("01", "sp1024_10min"): 16_666_696,
+    ("02", "byte260_4h"): 22_966_880, ("02", "byte260_10min"): 22_966_880, ("02", "sp1024_4h"): 21_520_472,
+    ("02", "sp1024_10min"): 21_520_472, ("02", "baseline_gpt_sp1024_10min"): 17_059_912,
+}
+
+
+def all_runs():
+    for study in sorted((ROOT / "studies").iterdir()):
+        if (study / "runs.json").is_file():
+            for name in json.loads((study / "runs.json").read_text())["runs"]:
+                yield study.name, name
+
+
+@pytest.mark.parametrize("study, run", list(all_runs()))
+def test_every_runs_dry_run_prints_the_parameter_count_of_the_model_its_trainer_builds(capsys, study, run):
+    import torch
+
+    code, out, _ = launch(capsys, study[:2], run, "--dry-run")
+    assert code == 0
+    printed = int(re.search(r"^model_params:(\d+)$", out, re.M).group(1))
+    trainer = load_module(f"studies/{study}/train_gpt.py")
+    env = json.loads((ROOT / "studies" / study / "runs.json").read_text())["runs"][run]["env"]
+    hp, _ = trainer.Hyperparameters.from_env(env)
+    with torch.device("meta"):
+        built = sum(p.numel() for p in trainer.HNet(hp).parameters())
+    assert printed == built
+    if (study[:2], run) in PUBLISHED_PARAMS:
+        assert printed == PUBLISHED_PARAMS[study[:2], run]
+    estimate = int(re.search(r"^estimated_artifact_bytes:(\d+) ", out, re.M).group(1))
+    published = json.loads((ROOT / "studies" / study / "runs.json").read_text())["runs"][run].get("published") or {}
+    if "bytes_total" in published:  # the estimate is labelled one, but must be in the right place
+        assert abs(estimate - published["bytes_total"]) < 0.06 * published["bytes_total"]
+        assert f"the published artifact was {published['bytes_total']:,} bytes" in out
+    assert "ESTIMATE" in out and re.search(r"^float_bytes:%d " % (4 * built), out, re.M)
+
+
+def test_list_shows_every_run_of_both_studies_with_its_published_bpb(capsys):
+    code, out, _ = launch(capsys, "--list")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == len(list(all_runs()))
+    assert any(line.startswith("01 byte260_10min") and "published 1.4116 +- 0.013 (3 seeds)" in line for line in lines)
+    assert any(line.startswith("01 sp1024_10min") and "published 1.3734" in line for line in lines)
+    assert any(line.startswith("02 byte260_4h") and "published 1.2070" in line for line in lines)
+
+
+def test_study_option_seed_flag_and_published_seeds_in_the_dry_run(capsys):
+    code, out, _ = launch(capsys, "--study", "01", "byte260_10min", "--seeds", "--dry-run")
+    commands = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    assert code == 0 and [re.search(r"SEED=(\d+)", c).group(1) for c in commands] == ["1337", "1234", "2026"]
+    assert commands[0].split()[-1].endswith("studies/01_hnet_byte260_vs_sp1024/train_gpt.py")
+    code, out, _ = launch(capsys, "01", "byte260_10min", "--seed", "7", "--dry-run")
+    assert code == 0 and "SEED=7 " in out
+    with pytest.raises(SystemExit, match="expected integers"):
+        launcher.main(["01", "byte260_10min", "--seeds", "1,x", "--dry-run"])
+
+
+def test_a_multi_seed_run_reports_the_mean_and_std_of_its_own_rows(capsys, sample_byte260, tmp_path):
+    tiny = ["MODEL_DIM=32", "NUM_HEADS=2", "NUM_KV_HEADS=1", "NUM_LAYERS=4", "OUTER_LAYERS=1", "TRAIN_SEQ_LEN=64",
+            "TRAIN_BATCH_TOKENS=1024", "ITERATIONS=3", "MAX_WALLCLOCK_SECONDS=0", "VAL_MAX_TOKENS=2048",
+            "KEEP_FLOAT_MAX_NUMEL=256", f"DATA_PATH={sample_byte260}", f"OUTPUT_DIR={tmp_path}"]
+    code, out, _ = launch(capsys, "01", "cpu_byte260", *tiny, "--seeds", "3,4")
+    assert code == 0
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d\.\d{6})\s+([\d,]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["3", "4"]
+    subs = [json.loads(next(tmp_path.glob(f"cpu_byte260_seed{s}_*/submission.json")).read_text()) for s in (3, 4)]
+    assert [float(r[2]) for r in rows] == [round(s["val_bpb"], 6) for s in subs]
+    assert subs[0]["val_bpb"] != subs[1]["val_bpb"]  # the seed reached the trainer
+    bpbs = [s["val_bpb"] for s in subs]
+    mean, std = sum(bpbs) / 2, abs(bpbs[0] - bpbs[1]) / 2 ** 0.5
+    assert f"mean val_bpb {mean:.6f} +- {std:.6f} (sample std over 2 seeds)" in out

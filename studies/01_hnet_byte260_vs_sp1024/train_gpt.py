@@ -1,0 +1,1244 @@
+"""Study 01: a byte-level H-Net (1-stage dynamic chunking) vs subwords, for Parameter Golf.
+
+Trains an H-Net (encoder -> router -> chunk -> main stage -> dechunk -> decoder) on byte260 or
+sp1024 shards, then exports an int8 + zlib-9 artifact, reads it back and scores it in bits per
+byte over non-overlapping windows.
+
+    torchrun --standalone --nproc_per_node=8 studies/01_hnet_byte260_vs_sp1024/train_gpt.py
+
+All configuration comes from environment variables (see Hyperparameters); a bare run is the
+study's byte260 H-Net. The chunk count is each batch's largest boundary count (a dynamic shape,
+so no torch.compile). The same code runs on CPU (gloo, fp32) and on CUDA (NCCL, bf16 autocast).
+This file's bytes are the artifact's counted code, so it is self-contained (study 02's trainer
+is this file grown; `diff` the two to see what that study changed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# HYPERPARAMETERS
+# Every knob is an environment variable NAME read into field `name` by from_env(), the
+# challenge's convention. Defaults are the study's headline byte260 run; runs.json beside this
+# file holds the exact env of every published and CPU run.
+# ----------------------------------------------------------------------------------------------
+
+# Unknown variables starting with one of these are errors (they can only be meant for us).
+OWN_PREFIXES = ("HNET_", "GPTQ_", "EVAL_", "TRAIN_", "VAL_", "MUON_", "LATE_QAT_", "EMA_", "CHUNK_",
+                "RATIO_", "OUTER_", "TARGET_AVG_", "TIED_EMBED_", "SUBMISSION_", "CHECKPOINT_", "PRUNE_",
+                "QUANT_", "EXPORT_", "COMPILE_")
+CHOICES = {"autocast": ("auto", "bf16", "off")}
+
+@dataclass
+class Hyperparameters:
+    # data and outputs
+    data_path: str = "./data/byte260_export/datasets/fineweb10B_byte260"
+    tokenizer_path: str = ""  # "" or a .json: byte260; a .model file: SentencePiece
+    vocab_size: int = 260
+    run_id: str = ""  # default: a fresh timestamped id
+    output_dir: str = ""  # default: runs/<RUN_ID>
+    seed: int = 1337
+    # schedule (steps are optimizer steps over TRAIN_BATCH_TOKENS global tokens)
+    iterations: int = 20000
+    warmdown_iters: int = 1200
+    warmup_steps: int = 20  # warm-up steps, undone before training starts
+    max_wallclock_seconds: float = 600.0  # 0: no cap
+    val_loss_every: int = 1000
+    train_log_every: int = 200
+    train_batch_tokens: int = 524288
+    train_seq_len: int = 1024
+    val_max_tokens: int = 0  # 0: the whole validation split
+    # model
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    num_layers: int = 9
+    outer_layers: int = 2  # encoder and decoder blocks each; 0 is a plain GPT baseline
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    # dynamic chunking
+    target_avg_chunk_len: float = 9.0
+    ratio_loss_weight: float = 0.05
+    hnet_lr_diff: float = 0.75
+    # optimisers
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    tied_embed_lr: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    grad_clip_norm: float = 0.0  # 0: off
+    ratio_loss_per_seq: int = 1  # 1 (published): F and G per sequence, then averaged; 0: over the batch
+    # precision and checkpoints
+    autocast: str = "auto"  # auto: bf16 on CUDA, off on CPU; bf16 on CPU runs the GPU's precision path
+    checkpoint_every: int = 0  # 0: only at the end
+    resume_from: str = ""
+    # evaluation and export
+    eval_batch_seqs: int = 32
+    quant_scale_floor: int = 1  # 1 (published): per-row int8 scales at least 1/127
+    keep_float_max_numel: int = 65536  # float tensors this small skip quantisation (CPU-size runs lower it)
+    submission_author: str = ""
+    submission_name: str = ""
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> tuple["Hyperparameters", list[str]]:
+        """Parse env into a config; returns it and a list of warnings (likely misspellings)."""
+        env = os.environ if env is None else env
+        known = {f.name.upper(): f for f in fields(cls)}
+        values, warnings = {}, []
+        for name, f in known.items():
+            if name not in env:
+                continue
+            raw = env[name].strip()
+            try:
+                values[f.name] = raw if f.type == "str" else (int(raw) if f.type == "int" else float(raw))
+            except ValueError:
+                raise ConfigError(f"{name}={env[name]!r} is not a valid {f.type}") from None
+        for name in env:
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.88)
+            hint = f": did you mean {close[0]}?" if close else " (see the fields of Hyperparameters)"
+            if name.startswith(OWN_PREFIXES):
+                raise ConfigError(f"unknown variable {name}{hint}")
+            if close:
+                warnings.append(f"{name} is not a known variable{hint}")
+        hp = cls(**values)
+        hp.check()
+        return hp, warnings
+
+    def check(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+        for name in ("vocab_size", "train_seq_len", "train_batch_tokens", "model_dim", "num_heads",
+                     "num_kv_heads", "mlp_mult", "num_layers", "eval_batch_seqs"):
+            need(getattr(self, name) > 0, f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
+        need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
+        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS={self.num_heads}")
+        need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM // NUM_HEADS must be even (RoPE)")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must divide by NUM_KV_HEADS={self.num_kv_heads}")
+        need(0 <= 2 * self.outer_layers < self.num_layers,
+             f"OUTER_LAYERS={self.outer_layers} leaves no main stage in NUM_LAYERS={self.num_layers}")
+        need(self.target_avg_chunk_len > 1, f"TARGET_AVG_CHUNK_LEN must exceed 1, got {self.target_avg_chunk_len}")
+        need(0 < self.hnet_lr_diff, f"HNET_LR_DIFF must be positive, got {self.hnet_lr_diff}")
+        for name, allowed in CHOICES.items():
+            need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0: no cap)")
+
+    @property
+    def is_hnet(self) -> bool:
+        return self.outer_layers > 0
+
+    @property
+    def uses_sentencepiece(self) -> bool:
+        return self.tokenizer_path.endswith(".model")
+
+    @property
+    def formats(self) -> list[str]:
+        return ["int8"]
+
+class ConfigError(ValueError):
+    """A configuration or input problem; the message names the variable or file."""
+
+class NonFiniteScore(ValueError):
+    """A loss or score that is NaN or infinite: never printed as a score."""
+
+class TrainingStopped(RuntimeError):
+    """A run stopped early (NaN loss, signal); carries the process exit code."""
+
+    def __init__(self, msg: str, exit_code: int):
+        super().__init__(msg)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------------------------
+# MUON
+# Muon (from the modded-nanogpt speedruns, as in the challenge baseline): SGD-momentum whose
+# update is orthogonalised by a quintic Newton-Schulz iteration. In DDP each rank
+# orthogonalises every world_size-th matrix and one flat fp32 buffer is all-reduced.
+# ----------------------------------------------------------------------------------------------
+
+def zeropower_via_newtonschulz5(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+    a, b, c = 3.4445, -4.7750, 2.0315  # coefficients tuned for fast convergence near 0
+    x = g.to(dtype)
+    x = x / (x.norm() + 1e-7)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if transposed else x
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int,
+                 world_size: int, ns_dtype: torch.dtype):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            updates = flat.split([p.numel() for p in params])  # views into flat
+            for i, p in enumerate(params):
+                # Momentum is kept on every rank (cheap) so that rank 0's state is the whole state.
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                if i % self.world_size == self.rank:
+                    g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    g = zeropower_via_newtonschulz5(g, group["backend_steps"], self.ns_dtype)
+                    updates[i].copy_(g.flatten() * max(1.0, g.size(0) / g.size(1)) ** 0.5)
+            if self.world_size > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for p, u in zip(params, updates):
+                p.add_(u.view_as(p).to(p.dtype), alpha=-group["lr"])
+
+
+# ----------------------------------------------------------------------------------------------
+# BPB EVALUATION
+# Tokenizer-agnostic bits per byte: CE nats of every scored target over the UTF-8 bytes those
+# targets stand for. Byte counts come from per-token lookup tables; the sum over the val split
+# equals the raw byte count of the val documents (tests/test_bpb.py checks it).
+# ----------------------------------------------------------------------------------------------
+
+class ByteLuts(NamedTuple):
+    base_bytes: Tensor  # (V,) int64 UTF-8 bytes of the piece without its leading "▁"
+    has_leading_space: Tensor  # (V,) bool, piece starts with "▁" (one more byte unless after a control token)
+    is_control: Tensor  # (V,) bool, control/unknown/unused ids (count 0, and no space after them)
+
+def build_byte_luts(hp: Hyperparameters, device: torch.device) -> ByteLuts:
+    v = hp.vocab_size
+    base, lead, control = np.zeros(v, dtype=np.int64), np.zeros(v, dtype=bool), np.zeros(v, dtype=bool)
+    if hp.uses_sentencepiece:
+        if not os.path.isfile(hp.tokenizer_path):
+            raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path}: file not found")
+        sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+        if sp.vocab_size() != v:
+            raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path} has vocab {sp.vocab_size()} but VOCAB_SIZE={v}")
+        for i in range(v):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                control[i] = True
+            elif sp.is_byte(i):
+                base[i] = 1
+            else:
+                lead[i], base[i] = piece_bytes(sp.id_to_piece(i))
+    else:
+        if v != 260:
+            raise ConfigError(f"VOCAB_SIZE={v} but TOKENIZER_PATH={hp.tokenizer_path!r} means byte260 (vocab 260)")
+        base[4:] = 1  # ids 0-3 are pad/bos/eos/unk; id b+4 is byte b
+        control[:4] = True
+    return ByteLuts(*(torch.from_numpy(a).to(device) for a in (base, lead, control)))
+
+def piece_bytes(piece: str) -> tuple[bool, int]:
+    """(has a leading "▁", UTF-8 bytes of the rest): exactly one "▁" stands for the space."""
+    lead = piece.startswith("\u2581")
+    return lead, len((piece[1:] if lead else piece).encode("utf-8"))
+
+def target_bytes(luts: ByteLuts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+    """UTF-8 bytes each target stands for, given the token before it. Shapes (B, L)."""
+    return luts.base_bytes[target_ids] + (luts.has_leading_space[target_ids] & ~luts.is_control[prev_ids]).long()
+
+class EvalResult(NamedTuple):
+    val_loss: float  # mean nats per scored token
+    val_bpb: float
+    tokens: int  # scored targets
+    bytes: int
+
+def eval_windows(total_targets: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, first scored offset) per window: non-overlapping windows of seq_len, plus a final
+    window for the tail that scores only what no earlier one scored: every target exactly once."""
+    if total_targets < seq_len:
+        raise ConfigError(f"validation has {total_targets} targets, fewer than TRAIN_SEQ_LEN={seq_len}")
+    starts = list(range(0, total_targets - seq_len + 1, seq_len))
+    if starts[-1] + seq_len < total_targets:
+        starts.append(total_targets - seq_len)
+    windows, scored_until = [], 0
+    for s in starts:
+        windows.append((s, scored_until - s if scored_until > s else 0))
+        scored_until = s + seq_len
+    return windows
+
+@torch.no_grad()
+def evaluate_bpb(model: nn.Module, rt: "Runtime", hp: Hyperparameters, val_tokens: Tensor, luts: ByteLuts) -> EvalResult:
+    seq_len = hp.train_seq_len
+    windows = eval_windows(val_tokens.numel() - 1, seq_len)
+    mine = windows[rt.rank::rt.world_size]
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, tokens, bytes
+    was_training = model.training
+    model.eval()
+    positions = torch.arange(seq_len, device=rt.device)
+    for i in range(0, len(mine), hp.eval_batch_seqs):
+        batch = mine[i:i + hp.eval_batch_seqs]
+        span = torch.stack([val_tokens[s:s + seq_len + 1] for s, _ in batch]).to(rt.device, torch.int64)
+        x, y = span[:, :-1], span[:, 1:]
+        first = torch.tensor([f for _, f in batch], device=rt.device)
+        with rt.autocast():
+            nll = model(x, y).loss
+        scored = positions[None, :] >= first[:, None]
+        sums[0] += (nll.double() * scored).sum()
+        sums[1] += scored.sum()
+        sums[2] += (target_bytes(luts, x, y) * scored).sum()
+    if rt.world_size > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    model.train(was_training)
+    nats, tokens, nbytes = sums.tolist()
+    if not math.isfinite(nats):
+        raise NonFiniteScore(f"the evaluation loss is not finite ({nats}): the weights are corrupt or diverged")
+    return EvalResult(nats / tokens, nats / math.log(2) / nbytes, int(tokens), int(nbytes))
+
+
+# ----------------------------------------------------------------------------------------------
+# EXPORT (quantisation and compression)
+# The challenge baseline's format: per-row int8 + zlib-9 of a torch.save'd dict that also records
+# the trainer (path, sha256) and the config, so eval_bpb.py can rebuild the model. The score is
+# always the round trip.
+# ----------------------------------------------------------------------------------------------
+
+SIZE_CAP_BYTES = 16_000_000
+CONTROL_NAMES = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale")  # kept in fp32
+INT8_CLIP_QUANTILE = 0.9999984
+
+def code_bytes() -> int:
+    return len(Path(__file__).read_bytes())
+
+def trainer_record() -> dict:
+    here = Path(__file__).resolve()
+    return {"path": os.path.relpath(here, Path.cwd()), "study_file": f"{here.parent.name}/{here.name}",
+            "sha256": hashlib.sha256(here.read_bytes()).hexdigest()}
+
+def keep_small(name: str, t: Tensor) -> Tensor:
+    return t.float() if any(k in name for k in CONTROL_NAMES) else t.half()
+
+def row_scale(clip: Tensor, qmax: int, floor: bool) -> Tensor:
+    """Per-row fp16 clip / qmax; QUANT_SCALE_FLOOR=1 (published) floors it at 1/qmax, coarse for |w| < 1."""
+    scale = clip / qmax
+    return (scale.clamp_min(1.0 / qmax) if floor else scale.clamp_min(1e-12 / qmax)).half()
+
+def quantize_int8_rows(w: Tensor, floor: bool) -> tuple[Tensor, Tensor]:
+    w = w.float()
+    clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1)
+    scale = row_scale(clip, 127, floor)
+    q = torch.clamp(torch.round(w.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]), -127, 127)
+    return q.to(torch.int8), scale
+
+def quantize_state_dict(state: dict[str, Tensor], fmt: str, hp: Hyperparameters,
+                        data: dict | None = None) -> dict:
+    """The artifact payload: quantised tensors plus what a reader needs to rebuild and trust the
+    model (trainer, config, tokenizer and validation fingerprints, a digest of the tensors)."""
+    tensors = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if not t.is_floating_point() or t.numel() <= hp.keep_float_max_numel or t.ndim != 2:
+            tensors[name] = {"w": keep_small(name, t) if t.is_floating_point() else t}
+        else:
+            q, s = quantize_int8_rows(t, bool(hp.quant_scale_floor))
+            tensors[name] = {"q": q, "scale": s, "bits": 8}
+    payload = {"format": fmt, "trainer": trainer_record(), "config": asdict(hp), "data": data or {},
+               "tensors": tensors, "stats": {}}
+    payload["digest"] = tensors_digest(tensors)
+    return payload
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 of every stored value (name, dtype, shape, bytes): no flipped bit survives a read."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        for key, v in sorted(tensors[name].items()):
+            t = v if isinstance(v, Tensor) else torch.tensor(v)
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode() + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
+    out = {}
+    for name, e in payload["tensors"].items():
+        if "q" in e:
+            out[name] = e["q"].float() * e["scale"].float()[:, None]
+        else:
+            out[name] = e["w"].float() if e["w"].is_floating_point() else e["w"]
+    return out
+
+def compress(payload: dict, fmt: str) -> bytes:
+    """A plain zlib stream (checksummed: adler32)."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return zlib.compress(buf.getvalue(), 9)
+
+def read_artifact(path: str | Path) -> dict:
+    """Decompress, unpickle tensors only, check them against the digest."""
+    blob = Path(path).read_bytes()
+    try:
+        payload = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
+    except Exception as e:  # zlib.error (bad data or checksum), unpickling errors
+        raise ConfigError(f"{path}: not a readable artifact (corrupt or truncated?): {e}") from None
+    return verify_payload(payload, path)
+
+def verify_payload(payload, path) -> dict:
+    if not isinstance(payload, dict) or not {"tensors", "config", "digest"} <= payload.keys():
+        raise ConfigError(f"{path}: decompressed, but it is not an artifact of this trainer")
+    try:
+        digest = tensors_digest(payload["tensors"])
+    except (AttributeError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"{path}: the stored tensors are malformed (corrupt file): {e}") from None
+    if digest != payload["digest"]:
+        raise ConfigError(f"{path}: the weights do not match the digest stored with them (corrupt file)")
+    return payload
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+def save_atomic(obj, path: str | Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+def model_from_payload(payload: dict, device: torch.device) -> "HNet":
+    hp = Hyperparameters(**{k: v for k, v in payload["config"].items() if k in {f.name for f in fields(Hyperparameters)}})
+    model = HNet(hp).to(device)
+    try:
+        model.load_state_dict(dequantize_state_dict(payload), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"artifact tensors do not fit the model its config describes: {e}") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# DATA
+# Challenge shards: a 256 x int32 header (magic, version, token count) then uint16 ids. Train
+# shards are read in sorted order as one wrapping stream; each micro-step takes one contiguous
+# span and gives each rank its own slice, so 1, 2, 4 or 8 processes see the same global batch.
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+def load_data_shard(path: str | Path, vocab_size: int | None = None) -> Tensor:
+    path = Path(path)
+    try:
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read shard: {e}") from None
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: not a shard (expected magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    n = int(header[2])
+    expected = HEADER_INTS * 4 + 2 * n
+    if path.stat().st_size != expected:
+        raise ConfigError(f"{path}: size {path.stat().st_size} bytes, header says {n} tokens = {expected} bytes")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
+    if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"{path}: holds id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
+                          "was it exported with another tokenizer?")
+    return torch.from_numpy(tokens.astype(np.int32))
+
+def shard_files(hp: Hyperparameters, split: str) -> list[str]:
+    if not os.path.isdir(hp.data_path):
+        raise ConfigError(f"DATA_PATH={hp.data_path}: no such directory (see README, Data)")
+    files = sorted(glob.glob(os.path.join(hp.data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={hp.data_path}: no fineweb_{split}_*.bin shards")
+    expected = [os.path.join(hp.data_path, f"fineweb_{split}_{i:06d}.bin") for i in range(len(files))]
+    if files != expected:
+        missing = sorted(set(expected) - set(files))
+        raise ConfigError(f"DATA_PATH={hp.data_path}: the {split} shards are not numbered 0..{len(files) - 1}"
+                          f"{f' (missing {os.path.basename(missing[0])})' if missing else ''}: an incomplete copy?")
+    return files
+
+def check_manifest(hp: Hyperparameters, val_counts: list[int]) -> list[str]:
+    """Compare the shards with the exporter's or downloader's DATA_PATH/../../manifest.json: no
+    entry (an interrupted export) or another val split is an error, no manifest a warning."""
+    path, name = Path(hp.data_path).resolve().parent.parent / "manifest.json", Path(hp.data_path).resolve().name
+    if not path.is_file():
+        return [f"no manifest.json at {path}: cannot check that {name} is a complete export"]
+    try:
+        stats = {d.get("name"): d.get("stats", {}) for d in json.loads(path.read_text()).get("datasets", [])}
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a readable manifest ({e})") from None
+    if name not in stats:
+        raise ConfigError(f"{path} lists no dataset {name}: its export did not finish (or was interrupted); "
+                          "run the exporter again")
+    have = {"files_val": len(val_counts), "tokens_val": sum(val_counts), "files_train": len(shard_files(hp, "train"))}
+    for key, n in have.items():  # fewer train shards is fine: the downloader's --train-shards
+        want = stats[name].get(key)
+        if want is not None and (n > want if key == "files_train" else n != want):
+            raise ConfigError(f"DATA_PATH={hp.data_path}: {key} is {n:,}, {path} says {want:,}")
+    return []
+
+def tokenizer_fingerprint(hp: Hyperparameters) -> dict:
+    if not hp.uses_sentencepiece:
+        return {"kind": "byte260", "vocab_size": hp.vocab_size}
+    return {"kind": "sentencepiece", "vocab_size": hp.vocab_size,
+            "sha256": hashlib.sha256(Path(hp.tokenizer_path).read_bytes()).hexdigest()}
+
+class TokenStream:
+    """The train shards as one endless stream; (file index, position) is its whole state."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.load_state({"file": 0, "pos": 0})
+
+    def state(self) -> dict:
+        return {"file": self.file, "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        self.file, self.pos = state["file"], state["pos"]
+        self.tokens = load_data_shard(self.files[self.file], self.vocab_size)
+
+    def take(self, n: int) -> Tensor:
+        parts = []
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self.load_state({"file": (self.file + 1) % len(self.files), "pos": 0})
+                continue
+            part = self.tokens[self.pos:self.pos + n]
+            parts.append(part)
+            self.pos += part.numel()
+            n -= part.numel()
+        return torch.cat(parts)
+
+class DistributedTokenLoader:
+    def __init__(self, hp: Hyperparameters, rt: "Runtime"):
+        self.stream = TokenStream(shard_files(hp, "train"), hp.vocab_size)
+        self.rt, self.seq_len = rt, hp.train_seq_len
+        self.local_tokens = hp.train_batch_tokens // (rt.world_size * rt.grad_accum_steps)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        span = self.local_tokens + 1  # one extra token: the last target
+        chunk = self.stream.take(span * self.rt.world_size)
+        local = chunk[self.rt.rank * span:(self.rt.rank + 1) * span]
+        if self.rt.is_cuda:  # from pinned memory, so the copy does not block the host
+            local = local.pin_memory().to(self.rt.device, non_blocking=True)
+        local = local.to(torch.int64)
+        return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
+
+# The split (cut to VAL_MAX_TOKENS + 1 if set), its fingerprint (tokenizer, shard names and counts,
+# sha256 of the whole split) and the manifest's warnings.
+Validation = NamedTuple("Validation", [("tokens", Tensor), ("fingerprint", dict), ("warnings", list)])
+
+def load_validation(hp: Hyperparameters) -> Validation:
+    """The val split, checked against the manifest and the tokenizer before any cut."""
+    files = shard_files(hp, "val")
+    parts = [load_data_shard(f, hp.vocab_size) for f in files]
+    warnings = check_manifest(hp, [t.numel() for t in parts])
+    tokens = torch.cat(parts)
+    if hp.uses_sentencepiece and tokens.numel() > 100_000 and int(tokens.max()) < 260:
+        raise ConfigError(f"DATA_PATH={hp.data_path} holds only ids < 260 (byte260 data?) "
+                          f"but TOKENIZER_PATH={hp.tokenizer_path} is a SentencePiece model")
+    fingerprint = {"tokenizer": tokenizer_fingerprint(hp),
+                   "val": {"shards": [os.path.basename(f) for f in files], "tokens": [t.numel() for t in parts],
+                           "sha256": hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()}}
+    if hp.val_max_tokens > 0:
+        tokens = tokens[:hp.val_max_tokens + 1]
+    return Validation(tokens, fingerprint, warnings)
+
+
+# ----------------------------------------------------------------------------------------------
+# MODEL
+# The Parameter Golf baseline block (x0 residual mix, GQA attention with q/k RMS-norm, RoPE and a
+# learned q gain, relu^2 MLP, zero-init output projections) grouped into U-Net-style stages.
+# An H-Net runs three stages (encoder, main, decoder); OUTER_LAYERS=0 runs one (a plain GPT).
+# ----------------------------------------------------------------------------------------------
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear with fp32 master weights cast to the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        angles = torch.outer(torch.arange(length, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        return angles.cos().to(dtype)[None, None], angles.sin().to(dtype)[None, None]
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
+        self.head_dim = hp.model_dim // hp.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(hp.model_dim, hp.model_dim)
+        self.c_k = CastedLinear(hp.model_dim, kv_dim)
+        self.c_v = CastedLinear(hp.model_dim, kv_dim)
+        self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, hp.rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, length, d = x.shape
+        q = self.c_q(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        cos, sin = self.rotary(length, q.dtype)
+        q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(b, length, d))
+
+class MLP(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.fc = CastedLinear(hp.model_dim, hp.mlp_mult * hp.model_dim)
+        self.proj = CastedLinear(hp.mlp_mult * hp.model_dim, hp.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.attn, self.mlp = CausalSelfAttention(hp), MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
+        # Per-channel mix of the running stream with the stage input x0 (starts as "stream only").
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+
+class Stage(nn.Module):
+    """Blocks with U-Net skips: the first half push their outputs, the second half add them back
+    (popped, weighted per channel). Input and output are RMS-normalised."""
+
+    def __init__(self, hp: Hyperparameters, num_blocks: int):
+        super().__init__()
+        self.num_push = num_blocks // 2
+        self.blocks = nn.ModuleList(Block(hp) for _ in range(num_blocks))
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_push, num_blocks - self.num_push), hp.model_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x0 = F.rms_norm(x, (x.size(-1),))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_push
+            if 0 <= j < self.skip_weights.size(0):
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.num_push:
+                skips.append(x)
+        return F.rms_norm(x, (x.size(-1),))
+
+class ModelOutput(NamedTuple):
+    loss: Tensor  # (B, L) next-token CE in nats, fp32
+    ratio_loss: Tensor  # () the H-Net ratio loss; 0 for the plain GPT (never added in eval)
+    boundary_mask: Tensor | None  # (B, L) bool, chunk starts; None for the plain GPT
+
+class HNet(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.hp = hp
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        if hp.is_hnet:
+            self.encoder = Stage(hp, hp.outer_layers)
+            self.routing = RoutingModule(hp.model_dim)
+            self.chunk = ChunkLayer()
+            self.main = Stage(hp, hp.num_layers - 2 * hp.outer_layers)
+            self.dechunk = DeChunkLayer()
+            self.residual_proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
+            self.decoder = Stage(hp, hp.outer_layers)
+        else:
+            self.main = Stage(hp, hp.num_layers)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> ModelOutput:
+        x, ratio, boundary_mask = self.hidden_states(input_ids)
+        loss = F.cross_entropy(self.logits(x).flatten(0, 1), target_ids.flatten(), reduction="none")
+        return ModelOutput(loss.view_as(target_ids), ratio, boundary_mask)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Tied head with the baseline's soft cap 30 * tanh(x / 30), in fp32."""
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        return self.hp.logit_softcap * torch.tanh(logits / self.hp.logit_softcap)
+
+    def hidden_states(self, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Final hidden states (B, L, D), the ratio loss and the boundary mask (None for a GPT)."""
+        x = self.tok_emb(input_ids)
+        ratio, boundary_mask = torch.zeros((), device=x.device), None
+        if self.hp.is_hnet:
+            h = self.encoder(x)  # (B, L, D)
+            router = self.routing(h)
+            chunks = self.chunk(h, router, int(router.boundary_mask.sum(1).max()))  # the batch's most boundaries
+            z = self.main(ScaleGrad.apply(chunks.hidden, 1.0 / self.hp.hnet_lr_diff))  # (B, C, D)
+            up = self.dechunk(z, chunks.probs, chunks.chunk_index)  # (B, L, D)
+            x = ste_one(router.selected_probs)[..., None].to(up.dtype) * up + self.residual_proj(h)
+            x = self.decoder(ScaleGrad.apply(x, self.hp.hnet_lr_diff))
+            ratio = ratio_loss(router, self.hp.target_avg_chunk_len, bool(self.hp.ratio_loss_per_seq))
+            boundary_mask = router.boundary_mask
+        else:
+            x = self.main(x)
+        return x, ratio, boundary_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# DYNAMIC CHUNKING
+# H-Net's router, chunk and dechunk layers (Hwang, Wang, Gu 2025), named as in the paper's code.
+# The router marks a boundary where adjacent encoder states disagree; the chunk layer keeps those
+# positions (C = the batch's largest boundary count, so nothing is dropped); the dechunk layer
+# smooths chunk outputs with an EMA and hands each byte its chunk's state.
+# ----------------------------------------------------------------------------------------------
+
+class RoutingModuleOutput(NamedTuple):
+    boundary_prob: Tensor  # (B, L) fp32 p_t in [0, 1], p_0 = 1
+    boundary_mask: Tensor  # (B, L) bool, p_t >= 0.5
+    selected_probs: Tensor  # (B, L) fp32 confidence: p_t at boundaries, 1 - p_t elsewhere
+
+class RoutingModule(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.q_proj, self.k_proj = CastedLinear(dim, dim), CastedLinear(dim, dim)
+        with torch.no_grad():  # identity init: at first the router compares raw encoder states
+            self.q_proj.weight.copy_(torch.eye(dim))
+            self.k_proj.weight.copy_(torch.eye(dim))
+
+    def forward(self, h: Tensor) -> RoutingModuleOutput:
+        q = F.normalize(self.q_proj(h[:, 1:]).float(), dim=-1)
+        k = F.normalize(self.k_proj(h[:, :-1]).float(), dim=-1)
+        p = ((1 - (q * k).sum(-1)) / 2).clamp(0.0, 1.0)
+        p = torch.cat((torch.ones_like(p[:, :1]), p), dim=1)  # the first position always starts a chunk
+        mask = p >= 0.5
+        return RoutingModuleOutput(p, mask, torch.where(mask, p, 1 - p))
+
+class ChunkOutput(NamedTuple):
+    hidden: Tensor  # (B, C) x D: encoder states at the boundaries, zero-padded to C
+    probs: Tensor  # (B, C) boundary_prob there (0 on padding)
+    chunk_index: Tensor  # (B, L) chunk each position reads: boundaries at or before it, minus 1, < C
+
+class ChunkLayer(nn.Module):
+    def forward(self, h: Tensor, router: RoutingModuleOutput, cap: int) -> ChunkOutput:
+        b, length, d = h.shape
+        counts = router.boundary_mask.long().cumsum(dim=1)  # (B, L) boundaries at or before t
+        wanted = torch.arange(1, cap + 1, device=h.device).expand(b, cap).contiguous()
+        pos = torch.searchsorted(counts, wanted)  # (B, C) where the c-th boundary is; L if none
+        valid = pos < length
+        pos = pos.clamp(max=length - 1)
+        hidden = torch.gather(h, 1, pos[..., None].expand(b, cap, d)) * valid[..., None].to(h.dtype)
+        probs = torch.gather(router.boundary_prob, 1, pos) * valid
+        return ChunkOutput(hidden, probs, (counts - 1).clamp(0, cap - 1))
+
+def linear_scan(a: Tensor, b: Tensor) -> Tensor:
+    """s_c = a_c * s_{c-1} + b_c (s_{-1} = 0) along dim 1 in log2(C) steps (Hillis-Steele scan).
+    a: (B, C, 1), b: (B, C, D). Products of a only shrink, so nothing overflows."""
+    offset, length = 1, a.size(1)
+    while offset < length:
+        a_prev = torch.cat((torch.ones_like(a[:, :offset]), a[:, :-offset]), dim=1)
+        b_prev = torch.cat((torch.zeros_like(b[:, :offset]), b[:, :-offset]), dim=1)
+        a, b = a * a_prev, a * b_prev + b
+        offset *= 2
+    return b
+
+class DeChunkLayer(nn.Module):
+    def forward(self, z: Tensor, probs: Tensor, chunk_index: Tensor) -> Tensor:
+        p = probs.float().clamp(1e-4, 1 - 1e-4)[..., None]  # (B, C, 1)
+        a = torch.cat((torch.zeros_like(p[:, :1]), 1 - p[:, 1:]), dim=1)  # s_0 = z_0
+        zf = z.float()
+        b = torch.cat((zf[:, :1], p[:, 1:] * zf[:, 1:]), dim=1)
+        s = linear_scan(a, b).to(z.dtype)  # (B, C, D)
+        return torch.gather(s, 1, chunk_index[..., None].expand(-1, -1, s.size(-1)))
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times `scale` backward (H-Net's per-stage learning-rate split)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+def ste_one(c: Tensor) -> Tensor:
+    """Forward value exactly 1 (c - c is exactly 0), gradient passed to c."""
+    return 1.0 + (c - c.detach())
+
+def ratio_loss(router: RoutingModuleOutput, n: float, per_seq: bool) -> Tensor:
+    """H-Net's ratio loss: 1 when both the hard boundary fraction F and the mean probability G
+    equal 1/N, larger otherwise; only G carries gradient. per_seq (the published studies): F and
+    G of each sequence, losses averaged; otherwise F and G over the whole batch (the paper)."""
+    dims = -1 if per_seq else None
+    f = router.boundary_mask.float().mean(dim=dims)
+    g = router.boundary_prob.mean(dim=dims)
+    return (n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# TRAINING
+# main() is a handful of steps: set up device and processes, build the model and optimisers,
+# train (checkpoints, wall-clock cap), then export, read back and evaluate.
+# Everything a step needs travels in one Run context.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    grad_accum_steps: int = 8
+    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA; None (fp32) on CPU unless AUTOCAST=bf16
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+def setup_device(hp: Hyperparameters) -> Runtime:
+    """Decide everything device-specific once: NCCL + bf16 on CUDA, gloo + fp32 on CPU.
+    AUTOCAST=bf16 on CPU runs the CUDA precision path (bf16 autocast, bf16 Newton-Schulz)."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if 8 % world_size:
+        raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (grad accumulation is 8 / WORLD_SIZE)")
+    if hp.train_batch_tokens % (8 * hp.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of "
+                          f"8 * TRAIN_SEQ_LEN = {8 * hp.train_seq_len}")
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "nccl"
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        torch.set_flush_denormal(True)  # denormals slowed early H-Net steps ~5x on CPU
+        if world_size > 1:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and device.type == "cuda")
+    return Runtime(device, rank, world_size, 8 // world_size, torch.bfloat16 if bf16 else None)
+
+def run_log(path: Path | None):
+    """log(msg, console=True): rank 0 appends to train.log (and prints); other ranks do nothing."""
+    def log(msg: str, console: bool = True) -> None:
+        if path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+    return log
+
+@dataclass
+class Run:
+    hp: Hyperparameters
+    rt: Runtime
+    log: Callable
+    run_dir: Path
+    model: HNet
+    optimizers: list
+    loader: DistributedTokenLoader
+    val_tokens: Tensor
+    luts: ByteLuts
+    data: dict  # tokenizer and validation fingerprints, recorded in every artifact
+    step: int = 0
+    training_time_ms: float = 0.0  # agreed across ranks, validation and checkpoints excluded
+    signal_received: int = 0
+    last_eval: tuple | None = None  # (step, EvalResult) of the latest float evaluation
+
+def build_optimizers(model: HNet, hp: Hyperparameters, rt: Runtime) -> list:
+    """Muon for every linear's matrix (stages, router, residual projection); fused Adam (no host
+    sync) for the tied embedding and for vectors and control tensors."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
+    taken = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+
+    def adam(params, lr):
+        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(hp.beta1, hp.beta2),
+                                eps=hp.adam_eps, weight_decay=0.0, fused=True)
+    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank, rt.world_size,
+                rt.autocast_dtype or torch.float32)
+    muon.param_groups[0]["base_lr"] = hp.matrix_lr
+    return [adam([model.tok_emb.weight], hp.tied_embed_lr), muon, adam(scalars, hp.scalar_lr)]
+
+def training_cap_ms(hp: Hyperparameters) -> float:
+    """Wall-clock budget for the training loop (0: none)."""
+    return 1000.0 * hp.max_wallclock_seconds
+
+def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """No warmup; linear warmdown to 0 over the last WARMDOWN_ITERS steps, or, under a wall-clock
+    cap, over the last WARMDOWN_ITERS x (mean step time) before the cap, whichever is lower."""
+    if hp.warmdown_iters <= 0:
+        return 1.0
+    mul = min(max((hp.iterations - step) / hp.warmdown_iters, 0.0), 1.0)
+    cap_ms = training_cap_ms(hp)
+    if cap_ms > 0 and step > 0:
+        warmdown_ms = hp.warmdown_iters * elapsed_ms / step
+        mul = min(mul, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
+    return mul
+
+def all_reduce_grads(model: nn.Module, rt: Runtime) -> None:
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if rt.world_size == 1:
+        return
+    flat = torch.cat([p.grad.flatten().float() for p in params])  # fp32 buffer (gloo and NCCL alike)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for p, g in zip(params, (flat / rt.world_size).split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+# One step's global sums, the slowest rank's clock at the step's gate (ms) and any rank's signal.
+StepStats = NamedTuple("StepStats", [(name, float) for name in (
+    "ce", "ratio", "chunks", "bytes", "micro_steps", "nonfinite", "clock_ms", "signal")])
+
+def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
+    """One optimizer step at LR multiplier `mul`. Stats, the ranks' clocks (time since the previous
+    gate) and signals cross to the host in one copy, the gate, before the update; not finite: no update."""
+    hp, rt = run.hp, run.rt
+    stats = torch.zeros(6, device=rt.device, dtype=torch.float64)
+    for _ in range(rt.grad_accum_steps):
+        x, y = run.loader.next_batch()
+        with rt.autocast():
+            out = run.model(x, y)
+            ce = out.loss.mean()
+            loss = ce + hp.ratio_loss_weight * out.ratio_loss if hp.is_hnet else ce
+        (loss / rt.grad_accum_steps).backward()
+        chunks = out.boundary_mask.sum() if out.boundary_mask is not None else (x >= 0).sum()
+        in_bytes = (run.luts.base_bytes[x] + run.luts.has_leading_space[x].long()).sum()
+        stats += torch.stack((ce.detach().double(), out.ratio_loss.detach().double(), chunks.double(),
+                              in_bytes.double(), torch.ones((), device=rt.device, dtype=torch.float64),
+                              (~torch.isfinite(loss.detach())).double()))
+    all_reduce_grads(run.model, rt)
+    now = time.perf_counter()
+    clock = torch.tensor([run.training_time_ms + 1000 * (now - gate), float(run.signal_received)],
+                         device=rt.device, dtype=torch.float64)
+    if rt.world_size > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)  # every rank stops on the same step
+    host = StepStats(*torch.cat((stats, clock)).tolist())  # the step's one device-to-host transfer
+    if host.nonfinite > 0:
+        run.model.zero_grad(set_to_none=True)
+        return host, now
+    if hp.grad_clip_norm > 0:  # off in every published run
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), hp.grad_clip_norm)
+    frac = min(run.step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    run.optimizers[1].param_groups[0]["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * mul
+        opt.step()
+    run.model.zero_grad(set_to_none=True)
+    return host, now
+
+def checkpoint_state(run: Run) -> dict:
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if run.rt.is_cuda:
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
+            "loader": run.loader.stream.state(), "step": run.step, "training_time_ms": run.training_time_ms,
+            "rng": rng, "config": asdict(run.hp), "data": run.data}
+
+def save_checkpoint(run: Run) -> Path:
+    path = run.run_dir / "checkpoints" / f"step_{run.step:06d}.pt"
+    if run.rt.master:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(checkpoint_state(run), path)
+        run.log(f"checkpoint:{path}")
+    if run.rt.world_size > 1:
+        dist.barrier()
+    return path
+
+SHAPE_FIELDS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "num_layers", "outer_layers",
+                "train_seq_len", "train_batch_tokens")
+
+def restore_state(run: Run, state: dict) -> None:
+    """Put a checkpoint_state() back: weights, optimisers, data position, clock, RNG."""
+    run.model.load_state_dict(state["model"])
+    for opt, s in zip(run.optimizers, state["optimizers"]):
+        opt.load_state_dict(s)
+    run.loader.stream.load_state(state["loader"])
+    run.step, run.training_time_ms = state["step"], state["training_time_ms"]
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if run.rt.is_cuda and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+
+def load_checkpoint(run: Run, path: str) -> None:
+    try:
+        state = torch.load(path, map_location=run.rt.device, weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"RESUME_FROM={path}: unreadable checkpoint: {e}") from None
+    for name in SHAPE_FIELDS:
+        if state["config"][name] != getattr(run.hp, name):
+            raise ConfigError(f"RESUME_FROM={path} was trained with {name.upper()}={state['config'][name]}, "
+                              f"this run has {getattr(run.hp, name)}")
+    if state.get("data", {}).get("tokenizer", run.data["tokenizer"]) != run.data["tokenizer"]:
+        raise ConfigError(f"RESUME_FROM={path} was trained with another tokenizer ({state['data']['tokenizer']})")
+    restore_state(run, state)
+    run.log(f"resumed_from:{path} step:{run.step} train_time:{run.training_time_ms:.0f}ms")
+
+def run_warmup_steps(run: Run) -> None:
+    """Run WARMUP_STEPS real steps so allocator and kernel warm-up happen off the clock (as the
+    published study did, with no compile), then restore everything a checkpoint holds: no trace."""
+    if run.hp.warmup_steps <= 0:
+        return
+    snapshot = copy.deepcopy(checkpoint_state(run))  # state_dict tensors alias the live weights
+    for _ in range(run.hp.warmup_steps):
+        train_step(run, 1.0, time.perf_counter())
+        if run.signal_received:
+            raise TrainingStopped(f"stopped by signal {run.signal_received} during warmup; nothing was "
+                                  "trained", 128 + run.signal_received)
+    restore_state(run, snapshot)
+    run.model.zero_grad(set_to_none=True)
+    run.log(f"warmup_steps:{run.hp.warmup_steps} done (undone: weights, optimisers, data, RNG restored)")
+
+def train(run: Run) -> None:
+    hp, rt, log = run.hp, run.rt, run.log
+    cap_ms = training_cap_ms(hp)
+    capped = cap_ms > 0 and run.training_time_ms >= cap_ms  # a resumed finished run goes straight to export
+    gate = time.perf_counter()  # host time of the last step's gate; pauses are added to it
+    while True:
+        last = run.step >= hp.iterations or capped
+        if last or (hp.val_loss_every > 0 and run.step % hp.val_loss_every == 0):
+            t0 = time.perf_counter()
+            res = evaluate_bpb(run.model, rt, hp, run.val_tokens, run.luts)
+            run.last_eval = (run.step, res)
+            log(f"step:{run.step}/{hp.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
+                f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / max(run.step, 1):.2f}ms")
+            gate += time.perf_counter() - t0  # validation is off the clock
+        if last:
+            break
+        mul = lr_multiplier(hp, run.step, run.training_time_ms)
+        stats, gate = train_step(run, mul, gate)
+        if stats.nonfinite > 0:
+            ckpts = sorted((run.run_dir / "checkpoints").glob("step_*.pt"))
+            keep = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+            raise TrainingStopped(f"non-finite loss at step {run.step + 1}; the update was not applied; {keep}", 3)
+        run.training_time_ms = stats.clock_ms
+        run.step += 1
+        if hp.train_log_every > 0 and (run.step % hp.train_log_every == 0 or run.step <= 10):
+            log(f"step:{run.step}/{hp.iterations} train_loss:{stats.ce / stats.micro_steps:.4f} "
+                f"ratio_loss:{stats.ratio / stats.micro_steps:.4f} bytes_per_chunk:{stats.bytes / max(stats.chunks, 1):.2f} "
+                f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / run.step:.2f}ms")
+        if stats.signal > 0:
+            path = save_checkpoint(run)
+            raise TrainingStopped(f"stopped by signal {int(stats.signal)} after step {run.step}; to continue, "
+                                  f"rerun with the same environment plus RESUME_FROM={path}", 128 + int(stats.signal))
+        if hp.checkpoint_every > 0 and run.step % hp.checkpoint_every == 0:
+            t0 = time.perf_counter()
+            save_checkpoint(run)
+            gate += time.perf_counter() - t0
+        if cap_ms > 0 and run.training_time_ms >= cap_ms and run.step < hp.iterations:
+            log(f"stopping_early: wallclock_cap train_time:{run.training_time_ms:.0f}ms step:{run.step}/{hp.iterations}")
+            capped = True
+    save_checkpoint(run)
+
+FORMAT_LABELS = {"int8": "int8_zlib"}
+
+def export_artifact(run: Run, fmt: str, state: dict) -> tuple[Path, int]:
+    """Quantise the float state and compress it on rank 0; print the size verdict at once."""
+    path = run.run_dir / f"final_model.{fmt}.ptz"
+    if run.rt.master:
+        payload = quantize_state_dict(state, fmt, run.hp, run.data)
+        write_atomic(path, compress(payload, fmt))
+    if run.rt.world_size > 1:
+        dist.barrier()
+    model_bytes = path.stat().st_size
+    total = code_bytes() + model_bytes
+    run.log(f"serialized_{fmt}: {path} model_bytes:{model_bytes} code_bytes:{code_bytes()} total_bytes:{total} "
+            f"headroom:{SIZE_CAP_BYTES - total} ({'under' if total <= SIZE_CAP_BYTES else 'OVER'} the "
+            f"{SIZE_CAP_BYTES:,}-byte cap)")
+    return path, total
+
+def export_and_evaluate(run: Run) -> dict:
+    """Quantise the trained float weights, read the file back and score it (the round trip is the score)."""
+    hp, rt, log = run.hp, run.rt, run.log
+    float_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    if rt.master:
+        save_atomic(float_state, run.run_dir / "final_model.pt")
+
+    def score(label: str, res: EvalResult | None = None) -> dict:
+        res = res or evaluate_bpb(run.model, rt, hp, run.val_tokens, run.luts)
+        log(f"final_{label} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
+        return res._asdict()
+    done = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.step else None  # scored at the last step
+    metrics = {"float": score("float", res=done)}
+    t0 = time.perf_counter()
+    exported = {fmt: export_artifact(run, fmt, float_state) for fmt in hp.formats}
+    for fmt, (path, total) in exported.items():
+        run.model.load_state_dict(dequantize_state_dict(read_artifact(path)))
+        metrics[f"{fmt}_roundtrip"] = {**score(f"{FORMAT_LABELS[fmt]}_roundtrip_exact"), "bytes_total": total}
+    log(f"export_and_roundtrip_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    final = hp.formats[-1]
+    metrics["headline_format"] = final
+    metrics["bytes_total"], metrics["bytes_code"] = exported[final][1], code_bytes()
+    metrics["over_cap"] = metrics["bytes_total"] > SIZE_CAP_BYTES
+    if metrics["over_cap"]:
+        log(f"ERROR: the {final} artifact is {metrics['bytes_total']:,} bytes, over the {SIZE_CAP_BYTES:,}-byte cap")
+    if rt.master:
+        write_submission(run, metrics)
+    return metrics
+
+def write_submission(run: Run, metrics: dict) -> None:
+    """submission.json in the challenge's record-folder format, plus what a reader needs to trust it."""
+    final = metrics["headline_format"]
+    headline = metrics[f"{final}_roundtrip"]
+    hardware = (f"{run.rt.world_size}x{torch.cuda.get_device_name(run.rt.device)}" if run.rt.is_cuda
+                else f"{run.rt.world_size}x CPU ({platform.processor() or platform.machine()})")
+    tokenizer = "byte260" if not run.hp.uses_sentencepiece else f"sp{run.hp.vocab_size}"
+    export = "int8 + zlib-9"
+    sub = {"author": run.hp.submission_author, "name": run.hp.submission_name or run.hp.run_id,
+           "blurb": f"{'H-Net' if run.hp.is_hnet else 'GPT'} ({tokenizer}), {run.hp.num_layers} layers, "
+                    f"OUTER_LAYERS={run.hp.outer_layers}, {export}",
+           "date": time.strftime("%Y-%m-%d"), "val_loss": headline["val_loss"], "val_bpb": headline["val_bpb"],
+           "bytes_total": metrics["bytes_total"], "bytes_code": metrics["bytes_code"],
+           "pre_quant_val_bpb": metrics["float"]["val_bpb"], "roundtrip_val_bpb": metrics[f"{final}_roundtrip"]["val_bpb"],
+           **{f"{fmt}_roundtrip_val_bpb": metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in run.hp.formats},
+           "seeds": [run.hp.seed], "steps": run.step, "train_time_ms": round(run.training_time_ms),
+           "hardware": hardware, "torch_version": torch.__version__, "data": run.data}
+    write_atomic(run.run_dir / "submission.json", (json.dumps(sub, indent=2) + "\n").encode())
+
+def log_header(run: Run, warnings: list[str]) -> None:
+    log = run.log
+    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log("=" * 100, console=False)
+    log(f"python:{sys.version.split()[0]} torch:{torch.__version__} numpy:{np.__version__}", console=False)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout, console=False)
+    log("\n".join(f"{key}:{value}" for key, value in asdict(run.hp).items()), console=False)
+    log(f"data:{json.dumps(run.data)}", console=False)
+    for w in warnings:
+        log(f"WARNING: {w}")
+    log(f"world_size:{run.rt.world_size} grad_accum_steps:{run.rt.grad_accum_steps} device:{run.rt.device} "
+        f"autocast:{run.rt.autocast_dtype or 'off'}")
+    log(f"model_params:{sum(p.numel() for p in run.model.parameters())}")
+
+def build_run(hp: Hyperparameters, rt: Runtime) -> tuple[Run, list[str]]:
+    """Check every input before the run folder exists (a failed start leaves nothing behind)."""
+    luts = build_byte_luts(hp, rt.device)
+    val = load_validation(hp)
+    loader = DistributedTokenLoader(hp, rt)
+    if hp.resume_from and not os.path.isfile(hp.resume_from):
+        raise ConfigError(f"RESUME_FROM={hp.resume_from}: no such checkpoint")
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    model = HNet(hp).to(rt.device)
+    if not hp.run_id:
+        run_id = [time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]]
+        if rt.world_size > 1:
+            dist.broadcast_object_list(run_id, src=0)
+        hp.run_id = run_id[0]
+    run_dir = Path(hp.output_dir or os.path.join("runs", hp.run_id))
+    if rt.master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(hp, rt, run_log(run_dir / "train.log" if rt.master else None), run_dir, model,
+              build_optimizers(model, hp, rt), loader, val.tokens, luts, val.fingerprint)
+    return run, val.warnings
+
+def run_training(hp: Hyperparameters, warnings: list[str] = ()) -> tuple[Run, dict]:
+    """The whole run in this process (one rank under torchrun). Raises ConfigError, TrainingStopped
+    (NaN loss; a signal: the first stops after the step with a checkpoint, a second at once) or
+    NonFiniteScore. Export and final evaluation run with the default signal handlers."""
+    rt = setup_device(hp)
+    run, data_warnings = build_run(hp, rt)
+    if rt.master:
+        print(f"run_dir:{run.run_dir}", flush=True)
+    log_header(run, list(warnings) + data_warnings)
+
+    def on_signal(signum, frame):
+        if run.signal_received:
+            raise TrainingStopped(f"aborted by a second signal {signum}", 128 + signum)
+        run.signal_received = signum
+    handlers = {}
+    with contextlib.suppress(ValueError):  # signals can only be caught on the main thread
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_warmup_steps(run)
+        if hp.resume_from:
+            load_checkpoint(run, hp.resume_from)
+        train(run)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    metrics = export_and_evaluate(run)
+    run.log(f"run_dir:{run.run_dir}")
+    return run, metrics
+
+def main() -> int:
+    try:
+        hp, warnings = Hyperparameters.from_env()
+        for w in warnings:
+            print(f"WARNING: {w}", file=sys.stderr)
+        _, metrics = run_training(hp, warnings)
+        code = 4 if metrics["over_cap"] else 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except NonFiniteScore as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 3
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("stopped: interrupted after training (during export or evaluation); the final checkpoint is in "
+              "the run folder's checkpoints/, and RESUME_FROM=<it> redoes the export", file=sys.stderr)
+        code = 130
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Study 01's trainer: the published recipe (dynamic chunk count, int8 + zlib, non-overlapping
+evaluation), its exact parameter counts, causality, and the guards it shares with study 02."""
+import json
+import re
+
+import pytest
+import torch
+
+import eval_bpb
+from conftest import run_tiny, study01, study02, tiny_hparams, write_shard
+from test_model import trained_like
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, 17_455_176),  # byte260: 9 layers (2 + 5 + 2), dim 512, KV 4
+    ({"VOCAB_SIZE": "1024", "NUM_KV_HEADS": "2", "TOKENIZER_PATH": "x.model"}, 16_666_696),  # sp1024, KV 2
+])
+def test_parameter_counts_match_the_published_ones(env, expected):
+    t = study01()
+    hp, _ = t.Hyperparameters.from_env(env)
+    with torch.device("meta"):
+        model = t.HNet(hp)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_defaults_are_the_published_byte260_recipe():
+    hp, _ = study01().Hyperparameters.from_env({})
+    assert (hp.num_layers, hp.outer_layers, hp.train_seq_len) == (9, 2, 1024)
+    assert (hp.target_avg_chunk_len, hp.ratio_loss_weight, hp.ratio_loss_per_seq, hp.quant_scale_floor) == (9, 0.05, 1, 1)
+    assert hp.formats == ["int8"]
+
+
+@pytest.mark.parametrize("name", ["EVAL_STRIDE", "GPTQ_CALIB_BATCHES", "LATE_QAT_THRESHOLD", "CHUNK_DIVISOR"])
+def test_study_02_variables_are_errors_here(name):
+    t = study01()
+    with pytest.raises(t.ConfigError, match=f"unknown variable {name}"):
+        t.Hyperparameters.from_env({name: "1"})
+
+
+def test_the_chunk_count_is_the_batchs_largest_boundary_count():
+    t = study01()
+    model = trained_like(t.HNet(tiny_hparams(t, TRAIN_SEQ_LEN="64")))
+    seen = []
+    model.main.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[1]))
+    g = torch.Generator().manual_seed(5)
+    expected = []
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randint(4, 260, (3, 64), generator=g)
+            # rows with different amounts of repetition, so rows and batches differ in boundary counts
+            x[0, 16:] = x[0, 15]
+            mask = model.hidden_states(x)[2]
+            expected.append(int(mask.sum(1).max()))
+            model(x, x)
+    assert seen[1::2] == expected  # hidden_states then forward: every other hook call is the forward
+    assert len(set(expected)) > 1, "the batches must differ in boundary counts for this to mean anything"
+    assert all(c < 64 for c in expected)
+
+
+def test_changing_later_bytes_never_changes_earlier_predictions():
+    """The chunk count depends on the whole batch, so a later edit can change it: earlier positions
+    must not notice (trailing padding chunks are invisible under causal attention)."""
+    t = study01()
+    model = trained_like(t.HNet(tiny_hparams(t, TRAIN_SEQ_LEN="96")))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(4, 260, (2, 96), generator=g)
+    with torch.no_grad():
+        base_h, _, base_mask = model.hidden_states(x)
+        base = model.logits(base_h)
+        count_changed = 0
+        for pos in (0, 5, 31, 62, 94):
+            x2 = x.clone()
+            x2[:, pos + 1:] = torch.randint(4, 260, x2[:, pos + 1:].shape, generator=g)
+            h2, _, mask2 = model.hidden_states(x2)
+            logits2 = model.logits(h2)
+            assert (logits2[:, :pos + 1] - base[:, :pos + 1]).abs().max() <= 1e-5, f"position {pos} saw the future"
+            assert torch.equal(mask2[:, :pos + 1], base_mask[:, :pos + 1])
+            count_changed += int(mask2.sum(1).max() != base_mask.sum(1).max())
+    assert count_changed >= 2, "the edits must change the chunk count for this test to mean anything"
+
+
+def test_per_sequence_ratio_loss_equals_a_hand_computation():
+    """Rows with different boundary rates: the published per-sequence loss averages each row's own
+    loss, which differs from the loss of the batch's pooled F and G."""
+    t = study01()
+    n = 4.0
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, [0, 4]] = True  # F = 2/8
+    mask[1, [0, 1, 2, 3, 5, 7]] = True  # F = 6/8
+    p = torch.tensor([[1.0, .1, .2, .3, .9, .1, .2, .3], [1.0, .8, .7, .6, .4, .9, .2, .6]])
+    router = t.RoutingModuleOutput(p, mask, torch.where(mask, p, 1 - p))
+
+    def hand(f, g):
+        return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
+    g0, g1 = p[0].mean().item(), p[1].mean().item()
+    per_seq = (hand(2 / 8, g0) + hand(6 / 8, g1)) / 2
+    pooled = hand(8 / 16, (g0 + g1) / 2)
+    for trainer in (t, study02()):
+        assert trainer.ratio_loss(router, n, per_seq=True).item() == pytest.approx(per_seq, rel=1e-6)
+        assert trainer.ratio_loss(router, n, per_seq=False).item() == pytest.approx(pooled, rel=1e-6)
+    assert abs(per_seq - pooled) > 0.05
+
+
+def test_the_int8_scale_floor_is_published_and_switchable():
+    """A row with max |w| below 1: the 1/127 floored grid by default, its own finer grid with the floor off."""
+    t = study01()
+    w = torch.linspace(-0.2, 0.2, 64).repeat(3, 1)
+    _, floored = t.quantize_int8_rows(w, bool(tiny_hparams(t).quant_scale_floor))
+    assert torch.allclose(floored.float(), torch.full((3,), 1 / 127), rtol=1e-3)
+    q, fine = t.quantize_int8_rows(w, False)
+    assert (fine.float() < 0.2 / 127 * 1.01).all() and q.abs().max() == 127
+
+
+@pytest.fixture(scope="module")
+def run01(sample_byte260, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s01") / "run"
+    run, metrics = run_tiny(study01(), sample_byte260, out, ITERATIONS="8", CHECKPOINT_EVERY="4")
+    return out, metrics
+
+
+def test_a_tiny_run_exports_int8_and_eval_bpb_reproduces_its_number(run01, tmp_path, capsys):
+    out, metrics = run01
+    log = (out / "train.log").read_text()
+    assert log.startswith('"""Study 01')
+    assert re.search(r"final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:\S+", log)
+    assert "sliding" not in metrics and metrics["headline_format"] == "int8"
+    assert not (out / "final_model.int6.ptz").exists()
+    report = tmp_path / "r.json"
+    assert eval_bpb.main([str(out / "final_model.int8.ptz"), "--json", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["roundtrip"]["val_bpb"] == metrics["int8_roundtrip"]["val_bpb"]
+    assert "sliding" not in r and r["boundaries"]["boundaries"] > 0
+    assert r["trainer"].endswith("studies/01_hnet_byte260_vs_sp1024/train_gpt.py")
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["val_bpb"] == metrics["int8_roundtrip"]["val_bpb"] and sub["bytes_total"] == metrics["bytes_total"]
+
+
+def test_resume_continues_exactly(run01, sample_byte260, tmp_path):
+    out, _ = run01
+    t = study01()
+    run_tiny(t, sample_byte260, tmp_path / "resumed", ITERATIONS="8", RESUME_FROM=str(out / "checkpoints" / "step_000004.pt"))
+    a = torch.load(out / "final_model.pt", map_location="cpu")
+    b = torch.load(tmp_path / "resumed" / "final_model.pt", map_location="cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_artifacts_and_bad_data_are_refused(run01, tmp_path, capsys):
+    out, _ = run01
+    blob = (out / "final_model.int8.ptz").read_bytes()
+    (tmp_path / "flipped").write_bytes(blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
+    assert eval_bpb.main([str(tmp_path / "flipped")]) == 2
+    assert "flipped" in capsys.readouterr().err
+    t = study01()
+    wrong = tmp_path / "wrong"
+    write_shard(wrong / "fineweb_val_000000.bin", torch.randint(0, 1024, (5000,)).numpy())
+    write_shard(wrong / "fineweb_train_000000.bin", torch.randint(0, 1024, (5000,)).numpy())
+    with pytest.raises(t.ConfigError, match=r"fineweb_val_000000.bin: holds id \d+ >= VOCAB_SIZE=260"):
+        run_tiny(t, wrong, tmp_path / "o")
