@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import json
@@ -26,6 +25,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import boundaries  # noqa: E402  (the analysis lives in its own module)
 
 
 def import_file(path: str | Path):
@@ -96,100 +97,6 @@ def data_mismatches(recorded: dict, current: dict) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Boundary statistics: where the router cuts, compared with word starts.
-# ---------------------------------------------------------------------------------------------
-
-WHITESPACE = set(b" \t\n\r\f\v")
-
-
-@functools.lru_cache(maxsize=4)
-def sentencepiece_pieces(model_file: str) -> tuple[str, ...]:
-    """Every piece of a SentencePiece model, by id (read once per model file)."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=model_file)
-    return tuple(sp.id_to_piece(i) for i in range(sp.vocab_size()))
-
-
-def word_starts(trainer, hp, tokens):
-    """Per token: does it begin a word? byte260: a non-space byte after whitespace;
-    SentencePiece: a piece with a leading "▁"."""
-    import torch
-
-    if hp.uses_sentencepiece:
-        pieces = sentencepiece_pieces(hp.tokenizer_path)
-        lead = torch.tensor([p.startswith("\u2581") and len(p) > 1 for p in pieces])
-        return lead[tokens]
-    space = torch.zeros(hp.vocab_size, dtype=torch.bool)
-    space[[b + 4 for b in WHITESPACE]] = True
-    is_byte = tokens >= 4
-    prev_space = torch.cat((torch.ones_like(tokens[:1], dtype=torch.bool), space[tokens[:-1]]))
-    return is_byte & ~space[tokens] & prev_space
-
-
-def boundary_report(trainer, model, hp, val_tokens, device, max_tokens: int = 200_000) -> dict:
-    """Boundary masks over the first max_tokens of validation, in non-overlapping windows
-    (the first position of each window is a forced boundary and is left out of the counts)."""
-    import torch
-
-    seq = hp.train_seq_len
-    n = min(val_tokens.numel() - 1, max_tokens) // seq * seq
-    x = val_tokens[:n].view(-1, seq).to(device, torch.int64)
-    masks = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, x.size(0), hp.eval_batch_seqs):
-            out = model(x[i:i + hp.eval_batch_seqs], x[i:i + hp.eval_batch_seqs])
-            masks.append(out.boundary_mask.cpu())
-    mask = torch.cat(masks).flatten()
-    tokens = x.cpu().flatten()
-    starts = word_starts(trainer, hp, tokens)
-    counted = torch.ones_like(mask)
-    counted[::seq] = False
-    counted &= tokens >= 4 if not hp.uses_sentencepiece else tokens > 3
-    b, w = mask & counted, starts & counted
-    hits = (b & w).sum().item()
-    # A router can also settle one byte off word starts (a consistent shift, still word-like
-    # units); precision against word starts moved by -1 and +1 tells that apart from noise.
-    shifted = {s: (b & torch.roll(w, s)).sum().item() / max(b.sum().item(), 1) for s in (-1, 1)}
-    positions = torch.nonzero(mask).flatten()
-    lengths = torch.diff(positions).float()
-    return {
-        "tokens": int(counted.sum()),
-        "boundaries": int(b.sum()),
-        "tokens_per_chunk": counted.sum().item() / max(b.sum().item(), 1),
-        "precision": hits / max(b.sum().item(), 1),
-        "recall": hits / max(w.sum().item(), 1),
-        "precision_shift_minus1": shifted[-1],
-        "precision_shift_plus1": shifted[1],
-        "chunk_len_cv": (lengths.std() / lengths.mean()).item() if lengths.numel() > 1 else float("nan"),
-        "example": chunked_text(hp, tokens[:seq], mask[:seq]),
-    }
-
-
-def chunked_text(hp, tokens, mask, max_chars: int = 600) -> str:
-    """Render tokens as [chunk][chunk]... starting at the first word start after position 0."""
-    if hp.uses_sentencepiece:
-        vocab = sentencepiece_pieces(hp.tokenizer_path)
-        pieces = [vocab[int(t)].replace("\u2581", " ") for t in tokens]
-    else:
-        pieces = [bytes([int(t) - 4]) if t >= 4 else b"" for t in tokens]
-    out, current = [], []
-    for i, (piece, cut) in enumerate(zip(pieces, mask.tolist())):
-        if cut and current:
-            out.append(current)
-            current = []
-        current.append(piece)
-    out.append(current)
-    join = (lambda ps: "".join(ps)) if hp.uses_sentencepiece else (lambda ps: b"".join(ps).decode("utf-8", "replace"))
-    text = "".join(f"[{join(c)}]" for c in out[1:])  # the first chunk starts mid-word at the window edge
-    return text[:max_chars]
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", type=Path)
@@ -201,7 +108,12 @@ def parse_args(argv):
     p.add_argument("--dynamic-cap", action="store_true", help="also evaluate with the per-batch chunk cap")
     p.add_argument("--val-max-tokens", type=int, help="score only this many validation tokens (quick checks)")
     p.add_argument("--boundaries", action=argparse.BooleanOptionalAction, default=True,
-                   help="report boundary statistics for an H-Net (default on)")
+                   help="report boundary statistics for an H-Net (default on; see boundaries.py)")
+    p.add_argument("--boundary-tokens", type=int, default=200_000, help="validation tokens the statistics read")
+    p.add_argument("--html", type=Path, help="write a self-contained page of the chunks and statistics here")
+    p.add_argument("--compare", type=Path,
+                   help="a second model beside the first: another artifact (e.g. sp1024 vs byte260), or this run's "
+                        "float final_model.pt (then boundary flips float vs quantised are counted)")
     p.add_argument("--trainer", type=Path, help="score with this trainer file instead of the study's own")
     p.add_argument("--ignore-hash", action="store_true", help="accept a trainer edited since the artifact was made")
     p.add_argument("--ignore-mismatch", action="store_true",
@@ -218,24 +130,33 @@ class EvalError(ValueError):
         self.code = code
 
 
-def evaluate(args) -> tuple[dict, int]:
-    if args.json is not None and not args.json.resolve().parent.is_dir():
-        raise ValueError(f"--json {args.json}: folder {args.json.resolve().parent} does not exist")
-    payload = read_payload(args.artifact)
+def open_artifact(path: Path, args, overrides: dict):
+    """(payload, trainer module, trainer path, its sha256, config) of an artifact, every check done."""
+    payload = read_payload(path)
     trainer_path = find_trainer(payload["trainer"], args.trainer)
     sha = hashlib.sha256(trainer_path.read_bytes()).hexdigest()
     if sha != payload["trainer"]["sha256"] and not args.ignore_hash:
         raise EvalError(f"{trainer_path} changed since the artifact was made (sha256 {sha[:12]} != "
                         f"{payload['trainer']['sha256'][:12]}); pass --ignore-hash to score it anyway", 3)
     trainer = import_file(trainer_path)
-    trainer.verify_payload(payload, args.artifact)
+    trainer.verify_payload(payload, path)
     config = dict(payload["config"])
-    overrides = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_stride": args.stride,
-                 "val_max_tokens": args.val_max_tokens}
     config.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(trainer.Hyperparameters)}
     hp = trainer.Hyperparameters(**{k: v for k, v in config.items() if k in known})
     hp.check()
+    return payload, trainer, trainer_path, sha, hp
+
+
+def evaluate(args) -> tuple[dict, int]:
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ValueError(f"{flag} {path}: folder {path.resolve().parent} does not exist")
+    if args.compare is not None and not args.compare.is_file():
+        raise ValueError(f"--compare {args.compare}: no such file")
+    overrides = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_stride": args.stride,
+                 "val_max_tokens": args.val_max_tokens}
+    payload, trainer, trainer_path, sha, hp = open_artifact(args.artifact, args, overrides)
     code, model_bytes = len(trainer_path.read_bytes()), args.artifact.stat().st_size
     results = {"artifact": str(args.artifact), "trainer": str(trainer_path), "trainer_sha256": sha,
                "format": payload["format"],
@@ -264,9 +185,45 @@ def evaluate(args) -> tuple[dict, int]:
             results["dynamic_cap"] = trainer.evaluate_bpb(model, rt, hp, val.tokens, luts, dynamic_cap=True)._asdict()
     except trainer.NonFiniteScore as e:
         raise EvalError(f"{args.artifact}: {e}", 5) from None
-    if hp.is_hnet and args.boundaries and rt.master:
-        results["boundaries"] = boundary_report(trainer, model, hp, val.tokens, rt.device)
+    if hp.is_hnet and (args.boundaries or args.html) and rt.master:
+        analyse_boundaries(args, results, (trainer, model, hp, val.tokens, rt.device))
     return results, (4 if results["size"]["headroom"] < 0 else 0)
+
+
+def analyse_boundaries(args, results: dict, main: tuple) -> None:
+    """boundaries.analyse on the model (and on --compare's), and the --html page of both."""
+    import torch
+
+    trainer, model, hp, val_tokens, device = main
+    title = f"{args.artifact.name} ({'sp%d' % hp.vocab_size if hp.uses_sentencepiece else 'byte260'})"
+    models = [(title, trainer, model, hp, val_tokens)]
+    float_model = None
+    if args.compare is not None:
+        if args.compare.read_bytes()[:2] == b"PK":  # a torch.save'd float state dict of this run
+            float_model = trainer.HNet(hp).to(device)
+            try:
+                float_model.load_state_dict(torch.load(args.compare, map_location=device, weights_only=True))
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"--compare {args.compare}: not a state dict of this model: {e}") from None
+            models.append((f"{args.compare.name} (float)", trainer, float_model, hp, val_tokens))
+        else:
+            _, t2, _, _, hp2 = open_artifact(args.compare, args, {})
+            if not hp2.is_hnet:
+                raise ValueError(f"--compare {args.compare}: a plain GPT has no chunks to compare")
+            m2 = t2.model_from_payload(read_payload(args.compare), device)
+            title2 = f"{args.compare.name} ({'sp%d' % hp2.vocab_size if hp2.uses_sentencepiece else 'byte260'})"
+            models.append((title2, t2, m2, hp2, t2.load_validation(hp2).tokens))
+    reports, views = [], []
+    for i, (name, t, m, h, tokens) in enumerate(models):
+        compare = float_model if i == 0 else None
+        reports.append(boundaries.analyse(t, m, h, tokens, device, args.boundary_tokens, compare_model=compare))
+        views.append(boundaries.view_of(name, h, boundaries.collect(m, h, tokens, device, h.train_seq_len)))
+    results["boundaries"] = reports[0]
+    if len(reports) > 1:
+        results["compare_boundaries"] = reports[1]
+    if args.html:
+        boundaries.write_html(args.html, views, reports)
+        results["html"] = str(args.html)
 
 
 def size_line(s: dict) -> str:
@@ -285,13 +242,32 @@ def print_results(r: dict) -> None:
             label = f"sliding (stride {e['stride']})" if key == "sliding" else key.replace("_", " ")
             print(f"{label:<24}{e['val_loss']:>12.6f}{e['val_bpb']:>12.6f}{e['tokens']:>14,}{e['bytes']:>14,}")
     print(size_line(r["size"]))
-    if "boundaries" in r:
-        b = r["boundaries"]
-        print(f"boundaries: {b['tokens_per_chunk']:.2f} tokens per chunk, precision {b['precision']:.3f} and "
-              f"recall {b['recall']:.3f} on word starts (precision one token before / after them "
-              f"{b['precision_shift_minus1']:.3f} / {b['precision_shift_plus1']:.3f}), "
-              f"chunk length CV {b['chunk_len_cv']:.2f}")
-        print(f"chunks: {b['example']}")
+    for key in ("boundaries", "compare_boundaries"):
+        if key in r:
+            print(("" if key == "boundaries" else "compared model's ") + boundary_summary(r[key]))
+    if "html" in r:
+        print(f"html: {r['html']}")
+
+
+def boundary_summary(b: dict) -> str:
+    lines = [f"boundaries: {b['tokens_per_chunk']:.2f} tokens ({b['bytes_per_chunk']:.2f} bytes) per chunk, "
+             f"{b['boundaries_per_256_bytes']:.1f} per 256 bytes",
+             f"  word starts: precision {b['precision']:.3f} recall {b['recall']:.3f}; on the space: precision "
+             f"{b['precision_on_space']:.3f} recall {b['recall_on_space']:.3f}; precision one token before / after "
+             f"{b['precision_shift_minus1']:.3f} / {b['precision_shift_plus1']:.3f}",
+             f"  chunk length {b['chunk_bytes_mean']:.2f} bytes, CV {b['chunk_bytes_cv']:.2f}"
+             + (f" ({b['chunk_tokens_mean']:.2f} tokens, CV {b['chunk_tokens_cv']:.2f})" if "chunk_tokens_mean" in b else ""),
+             f"  surprise (nats) of tokens cut before {b['surprise_at_boundaries']:.3f}, elsewhere {b['surprise_elsewhere']:.3f}",
+             "  boundary flips with the window shifted by " + ", ".join(
+                 f"{s}: {v:.3f}" for s, v in b["shift_flip_rate"].items())]
+    if "fixed_cap" in b:
+        c = b["fixed_cap"]
+        lines.append(f"  fixed cap {c['cap']}: {c['rows_truncated']} of {c['rows']} windows truncated, "
+                     f"{c['boundaries_dropped']} boundaries dropped")
+    if "flip_rate_vs_compare" in b:
+        lines.append(f"  boundary flips vs the float model: {b['flip_rate_vs_compare']:.4f}")
+    lines.append(f"  chunks: {b['example']}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_module
 
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
@@ -37,3 +37,16 @@ def test_ci_runs_the_readme_test_command_verbatim():
     commands = re.findall(r"^(pip install -r requirements\.txt && python .*?)\s+#", readme, re.M)
     assert len(commands) == 2 and "train_hnet.py" in commands[0] and "pytest" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_each_study_readme_has_the_commands_its_runs_json_produces():
+    launcher = load_module("train_hnet.py")
+    studies = sorted(d for d in (ROOT / "studies").iterdir() if (d / "runs.json").is_file())
+    assert [d.name[:2] for d in studies] == ["01", "02"]
+    for study in studies:
+        readme = (study / "README.md").read_text(encoding="utf-8")
+        block = launcher.readme_commands(study)
+        assert readme.count(launcher.COMMANDS_BEGIN) == 1, f"{study.name}/README.md has no commands block"
+        start = readme.index(launcher.COMMANDS_BEGIN)
+        end = readme.index(launcher.COMMANDS_END, start) + len(launcher.COMMANDS_END)
+        assert readme[start:end] == block, f"{study.name}/README.md: run `python train_hnet.py --commands {study.name[:2]}`"

@@ -156,3 +156,21 @@ def test_corrupt_artifacts_and_bad_data_are_refused(run01, tmp_path, capsys):
     write_shard(wrong / "fineweb_train_000000.bin", torch.randint(0, 1024, (5000,)).numpy())
     with pytest.raises(t.ConfigError, match=r"fineweb_val_000000.bin: holds id \d+ >= VOCAB_SIZE=260"):
         run_tiny(t, wrong, tmp_path / "o")
+
+
+def test_eval_bpb_draws_the_html_page_and_counts_flips_against_the_float_model(run01, tmp_path, capsys):
+    out, _ = run01
+    page, report = tmp_path / "chunks.html", tmp_path / "r.json"
+    assert eval_bpb.main([str(out / "final_model.int8.ptz"), "--html", str(page), "--compare", str(out / "final_model.pt"),
+                          "--json", str(report), "--boundary-tokens", "2048"]) == 0
+    r = json.loads(report.read_text())
+    b = r["boundaries"]
+    assert 0.0 <= b["flip_rate_vs_compare"] < 0.5 and "fixed_cap" not in b  # study 01 has no cap to truncate
+    assert set(b["shift_flip_rate"]) == {"1", "2", "3", "4"} and len(b["chunk_bytes_hist"]) == 16
+    assert r["compare_boundaries"]["boundaries"] > 0
+    text = page.read_text(encoding="utf-8")
+    assert "final_model.int8.ptz (byte260)" in text and "final_model.pt (float)" in text and "http" not in text
+    printed = capsys.readouterr().out
+    assert "boundary flips vs the float model" in printed and f"html: {page}" in printed
+    assert eval_bpb.main([str(out / "final_model.int8.ptz"), "--compare", str(tmp_path / "missing.pt")]) == 2
+    assert "--compare" in capsys.readouterr().err

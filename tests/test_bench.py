@@ -1,0 +1,36 @@
+"""The bench/ harnesses: their tables are made of the runs they made (tiny models, seconds)."""
+import json
+import re
+from pathlib import Path
+
+from conftest import load_module
+
+TINY = ["MODEL_DIM=32", "NUM_HEADS=2", "NUM_KV_HEADS=1", "NUM_LAYERS=4", "OUTER_LAYERS=1", "TRAIN_SEQ_LEN=64",
+        "TRAIN_BATCH_TOKENS=1024", "VAL_MAX_TOKENS=2048", "KEEP_FLOAT_MAX_NUMEL=256", "GPTQ_CALIB_BATCHES=2",
+        "EVAL_STRIDE=32", "GPTQ_RESERVE_SECONDS=0"]
+
+
+def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path, capsys):
+    minigolf = load_module("bench/minigolf.py")
+    logs = tmp_path / "logs"
+    code = minigolf.main(["--models", "byte260_hnet,byte260_gpt", "--seconds", "3", "--seeds", "1,2", "--logs", str(logs),
+                          *TINY, f"DATA_PATH={sample_byte260}"])
+    assert code == 0
+    results = json.loads((logs / "results.json").read_text())
+    table = (logs / "table.md").read_text()
+    assert table in capsys.readouterr().out
+    body = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header row
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body}
+    assert set(rows) == {"byte260_hnet", "byte260_gpt"}
+    for name, runs in results.items():
+        assert len(runs) == 2 and runs[0]["run_dir"] != runs[1]["run_dir"]
+        for r in runs:  # each row's number is the run's own submission
+            sub = json.loads((Path(r["run_dir"]) / "submission.json").read_text())
+            assert sub["roundtrip_val_bpb"] == r["roundtrip"] and sub["steps"] == r["steps"]
+            assert r["epochs"] <= 1.0
+        bpbs = [r["roundtrip"] for r in runs]
+        mean = sum(bpbs) / 2
+        assert rows[name][7] == f"{mean:.4f} ({min(bpbs):.4f}-{max(bpbs):.4f})"
+    assert rows["byte260_gpt"][-1].strip(" |") == "-"  # a GPT has no chunks
+    assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", rows["byte260_hnet"][10])
+    assert (logs / "byte260_gpt_seed2.log").is_file()
