@@ -34,3 +34,23 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert rows["byte260_gpt"][-1].strip(" |") == "-"  # a GPT has no chunks
     assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", rows["byte260_hnet"][10])
     assert (logs / "byte260_gpt_seed2.log").is_file()
+
+
+def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, capsys):
+    seeds = load_module("bench/seeds.py")
+    logs = tmp_path / "logs"
+    assert seeds.main(["--seeds", "5,6", "--seconds", "2", "--logs", str(logs), *TINY, "ITERATIONS=6",
+                       f"DATA_PATH={sample_byte260}"]) == 0
+    rows = json.loads((logs / "rows.json").read_text())
+    assert [r["seed"] for r in rows] == [5, 6]
+    for r in rows:  # each row is its own run's submission
+        sub = json.loads((Path(r["run_dir"]) / "submission.json").read_text())
+        assert sub["roundtrip_val_bpb"] == r["roundtrip"] and sub["seeds"] == [r["seed"]]
+    table = (logs / "table.md").read_text()
+    assert table in capsys.readouterr().out
+    summary = [c.strip() for c in table.splitlines()[-1].split("|")[2:-1]]
+    for (key, fmt), cell in zip(seeds.COLUMNS, summary):
+        values = sorted(r[key] for r in rows)
+        median = (values[0] + values[1]) / 2
+        assert cell == f"{fmt.format(values[0])} / {fmt.format(median)} / {fmt.format(values[1])}", key
+    assert rows[0]["roundtrip"] != rows[1]["roundtrip"]  # the seed reached the trainer
