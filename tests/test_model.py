@@ -2,16 +2,18 @@
 import pytest
 import torch
 
-from conftest import study02, tiny_hparams
+from conftest import study01, study02, tiny_hparams
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, 22_966_880),  # study 02 byte260: 12 layers, OUTER_LAYERS 3, dim 512, KV 4
-    ({"VOCAB_SIZE": "1024", "NUM_LAYERS": "11", "TOKENIZER_PATH": "x.model"}, 21_520_472),  # study 02 sp1024
-    ({"VOCAB_SIZE": "1024", "NUM_LAYERS": "9", "OUTER_LAYERS": "0", "TOKENIZER_PATH": "x.model"}, 17_059_912),
+@pytest.mark.parametrize("study, env, expected", [
+    ("01", {}, 17_455_176),  # study 01 byte260: 9 layers (2 + 5 + 2), dim 512, KV 4
+    ("01", {"VOCAB_SIZE": "1024", "NUM_KV_HEADS": "2", "TOKENIZER_PATH": "x.model"}, 16_666_696),  # study 01 sp1024
+    ("02", {}, 22_966_880),  # study 02 byte260: 12 layers, OUTER_LAYERS 3, dim 512, KV 4
+    ("02", {"VOCAB_SIZE": "1024", "NUM_LAYERS": "11", "TOKENIZER_PATH": "x.model"}, 21_520_472),  # study 02 sp1024
+    ("02", {"VOCAB_SIZE": "1024", "NUM_LAYERS": "9", "OUTER_LAYERS": "0", "TOKENIZER_PATH": "x.model"}, 17_059_912),
 ])
-def test_parameter_counts_match_the_spec(env, expected):
-    t = study02()
+def test_parameter_counts_match_the_spec(study, env, expected):
+    t = study01() if study == "01" else study02()
     hp, _ = t.Hyperparameters.from_env(env)
     with torch.device("meta"):
         model = t.HNet(hp)
@@ -27,17 +29,19 @@ def trained_like(model, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("outer", [1, 0])
-def test_changing_later_bytes_never_changes_earlier_predictions(outer):
-    t = study02()
-    hp = tiny_hparams(t, OUTER_LAYERS=str(outer), TRAIN_SEQ_LEN="96", CHUNK_DIVISOR="2")
+@pytest.mark.parametrize("study, outer", [("02", 1), ("02", 0), ("01", 1)])
+def test_changing_later_bytes_never_changes_earlier_predictions(study, outer):
+    """Study 01's chunk count depends on the whole batch, so a later edit can change it; earlier
+    positions must not notice (trailing padding chunks are invisible under causal attention)."""
+    t = study02() if study == "02" else study01()
+    hp = tiny_hparams(t, OUTER_LAYERS=str(outer), TRAIN_SEQ_LEN="96", **({"CHUNK_DIVISOR": "2"} if study == "02" else {}))
     model = trained_like(t.HNet(hp))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(4, 260, (2, 96), generator=g)
     with torch.no_grad():
         base_h, _, base_mask = model.hidden_states(x)
         base = model.logits(base_h)
-        changed_downstream = 0
+        changed_downstream = count_changed = 0
         for pos in (0, 5, 31, 62, 94):
             x2 = x.clone()
             x2[:, pos + 1:] = torch.randint(4, 260, x2[:, pos + 1:].shape, generator=g)
@@ -48,8 +52,11 @@ def test_changing_later_bytes_never_changes_earlier_predictions(outer):
             if outer:
                 assert torch.equal(mask2[:, :pos + 1], base_mask[:, :pos + 1])
                 changed_downstream += int(not torch.equal(mask2[:, pos + 1:], base_mask[:, pos + 1:]))
+                count_changed += int(mask2.sum(1).max() != base_mask.sum(1).max())
     if outer:
         assert changed_downstream >= 3, "the test must move boundaries after the edit to mean anything"
+    if study == "01":
+        assert count_changed >= 2, "the edits must change study 01's chunk count for this to mean anything"
 
 
 def test_dynamic_cap_equals_fixed_cap_unless_rows_are_truncated():
