@@ -4,8 +4,6 @@ import json
 import lzma
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT, load_module
 
 SAMPLE_DIR = ROOT / "data" / "sample"

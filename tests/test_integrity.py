@@ -3,7 +3,6 @@ a partial export, a trainer the artifact names; and the run's clock, reserve and
 import json
 import os
 import random
-import re
 import signal
 import time
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import eval_bpb
-from conftest import SAMPLE, export_docs, load_module, run_tiny, study02, tiny_hparams, write_shard
+from conftest import SAMPLE, export_docs, load_module, run_tiny, study02, tiny_hparams
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def test_the_wall_clock_cap_stops_training_on_time(sample_byte260, tmp_path):
                       GPTQ_CALIB_BATCHES="0", TRAIN_LOG_EVERY="0")
     assert time.time() - t0 < 60
     assert 3000 <= run.training_time_ms < 3000 + 10 * run.training_time_ms / run.step
-    assert 5 < run.step < 100000
+    assert 1 <= run.step < 100000  # how many depends on the machine's load; stopping on time does not
     assert "stopping_early: wallclock_cap" in (tmp_path / "cap" / "train.log").read_text()
 
 
