@@ -260,7 +260,8 @@ STAT_ROWS = (("bytes per chunk", "bytes_per_chunk", "{:.2f}"), ("boundaries per 
              ("on the space: precision / recall", ("precision_on_space", "recall_on_space"), "{:.3f} / {:.3f}"),
              ("precision 1 before / after", ("precision_shift_minus1", "precision_shift_plus1"), "{:.3f} / {:.3f}"),
              ("chunk length mean / CV (bytes)", ("chunk_bytes_mean", "chunk_bytes_cv"), "{:.2f} / {:.2f}"),
-             ("surprise at cuts / elsewhere (nats)", ("surprise_at_boundaries", "surprise_elsewhere"), "{:.2f} / {:.2f}"))
+             ("surprise at cuts / elsewhere (nats)", ("surprise_at_boundaries", "surprise_elsewhere"), "{:.2f} / {:.2f}"),
+             ("boundary flips vs the compared model", "flip_rate_vs_compare", "{:.4f}"))
 
 
 def stats_table(report: dict) -> str:

@@ -145,3 +145,15 @@ def test_a_multi_seed_run_reports_the_mean_and_std_of_its_own_rows(capsys, sampl
     bpbs = [s["val_bpb"] for s in subs]
     mean, std = sum(bpbs) / 2, abs(bpbs[0] - bpbs[1]) / 2 ** 0.5
     assert f"mean val_bpb {mean:.6f} +- {std:.6f} (sample std over 2 seeds)" in out
+
+
+@pytest.mark.parametrize("outer", ["0", "1"])
+def test_the_demo_summary_finishes_cleanly_for_a_gpt_and_an_hnet(capsys, sample_byte260, tmp_path, outer):
+    from conftest import TINY_ENV
+    study = ROOT / "studies" / "02_improved_hnet_byte260_and_sp1024"
+    env = {**TINY_ENV, "OUTER_LAYERS": outer, "DATA_PATH": str(sample_byte260), "OUTPUT_DIR": str(tmp_path / "demo")}
+    assert launcher.run_in_process(study, env, demo=True) == 0
+    out = capsys.readouterr().out
+    assert "CPU demo done" in out and ("GPT" in out) == (outer == "0")
+    assert ("bytes per chunk" in out) == (outer == "1")
+    assert f"run folder: {tmp_path / 'demo'}" in out
