@@ -3,6 +3,7 @@
     python bench/fidelity.py 02            # study 02's cpu_demo (ours) and each switch set to published
     python bench/fidelity.py 01            # study 01's cpu_byte260 (published) and each switch set to ours
     python bench/fidelity.py 02 --steps 200 --logs /tmp/f   # quicker, logs elsewhere
+    python bench/fidelity.py 02 --switches RATIO_LOSS_PER_SEQ TRAIN_SEQ_LEN=256   # one switch, 2 rows a micro-step
 
 Every run trains a fixed number of steps (no wall-clock cap), so two runs differ only by the
 switch: the same seed, data and step count. A switch that only changes the export (GPTQ clip,
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("study", choices=sorted(SWITCHES))
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (fixed, no wall clock)")
     p.add_argument("--logs", type=Path, help="where logs and the table go (default studies/<study>/logs/fidelity)")
+    p.add_argument("--switches", help="only these variables (comma-separated), and no all-switched run")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE for every run (e.g. a smaller model for a quick check)")
     args = p.parse_intermixed_args(argv)
     spec = SWITCHES[args.study]
@@ -84,15 +86,22 @@ def main(argv=None) -> int:
         rows.append(run_once(study, {**env, **extra}, out, label))
         shutil.copyfile(out / "train.log", logs / f"{name}.log")
         return out
-    base = measure("base", f"`{spec['run']}` as in runs.json", {})
+    only = set(args.switches.split(",")) if args.switches else None
+    unknown = (only or set()) - {k for k, _ in spec["train"] + spec["export"]}
+    if unknown:
+        p.error(f"--switches: {', '.join(sorted(unknown))} is not a switch of study {args.study}")
+    base = measure("base", f"`{spec['run']}` as in runs.json" + (" + " + " ".join(args.overrides) if args.overrides else ""), {})
     checkpoint = base / "checkpoints" / f"step_{args.steps:06d}.pt"
     for key, value in spec["train"]:
-        measure(f"{key.lower()}_{value}", f"`{key}={value}` (trained)", {key: value})
+        if only is None or key in only:
+            measure(f"{key.lower()}_{value}", f"`{key}={value}` (trained)", {key: value})
     for key, value in spec["export"]:
-        measure(f"{key.lower()}_{value}", f"`{key}={value}` (re-export)", {key: value, "RESUME_FROM": str(checkpoint)})
-    measure("all_switched", "all of them: " + " ".join(f"`{k}={v}`" for k, v in spec["all"].items()), spec["all"])
+        if only is None or key in only:
+            measure(f"{key.lower()}_{value}", f"`{key}={value}` (re-export)", {key: value, "RESUME_FROM": str(checkpoint)})
+    if only is None:
+        measure("all_switched", "all of them: " + " ".join(f"`{k}={v}`" for k, v in spec["all"].items()), spec["all"])
     command = " ".join(["python bench/fidelity.py", args.study, *(["--steps", str(args.steps)] if args.steps != 1000 else []),
-                        *args.overrides])
+                        *(["--switches", args.switches] if args.switches else []), *args.overrides])
     text = (f"{spec['run']} for {args.steps} steps, seed {env.get('SEED', '1337')}, each row one switch flipped; "
             f"BPB and boundaries of the round-tripped model (`{command}`)\n\n" + table(rows) + "\n")
     (logs / "table.md").write_text(text)
