@@ -113,7 +113,7 @@ def parse_args(argv):
     p.add_argument("--html", type=Path, help="write a self-contained page of the chunks and statistics here")
     p.add_argument("--compare", type=Path,
                    help="a second model beside the first: another artifact (e.g. sp1024 vs byte260), or this run's "
-                        "float final_model.pt (then boundary flips float vs quantised are counted)")
+                        "float final_model.pt or a checkpoint (then boundary flips float vs quantised are counted)")
     p.add_argument("--trainer", type=Path, help="score with this trainer file instead of the study's own")
     p.add_argument("--ignore-hash", action="store_true", help="accept a trainer edited since the artifact was made")
     p.add_argument("--ignore-mismatch", action="store_true",
@@ -199,12 +199,13 @@ def analyse_boundaries(args, results: dict, main: tuple) -> None:
     models = [(title, trainer, model, hp, val_tokens)]
     float_model = None
     if args.compare is not None:
-        if args.compare.read_bytes()[:2] == b"PK":  # a torch.save'd float state dict of this run
+        if args.compare.read_bytes()[:2] == b"PK":  # this run's float final_model.pt, or one of its checkpoints
             float_model = trainer.HNet(hp).to(device)
             try:
-                float_model.load_state_dict(torch.load(args.compare, map_location=device, weights_only=True))
-            except (RuntimeError, ValueError) as e:
-                raise ValueError(f"--compare {args.compare}: not a state dict of this model: {e}") from None
+                state = torch.load(args.compare, map_location=device, weights_only=False)
+                float_model.load_state_dict(state["model"] if "model" in state else state)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"--compare {args.compare}: not a state dict or checkpoint of this model: {e}") from None
             models.append((f"{args.compare.name} (float)", trainer, float_model, hp, val_tokens))
         else:
             _, t2, _, _, hp2 = open_artifact(args.compare, args, {})

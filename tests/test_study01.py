@@ -139,5 +139,9 @@ def test_eval_bpb_draws_the_html_page_and_counts_flips_against_the_float_model(r
     assert "final_model.int8.ptz (byte260)" in text and "final_model.pt (float)" in text and "http" not in text
     printed = capsys.readouterr().out
     assert "boundary flips vs the float model" in printed and f"html: {page}" in printed
+    # the final checkpoint holds the same float weights as final_model.pt: the same flips
+    assert eval_bpb.main([str(out / "final_model.int8.ptz"), "--compare", str(out / "checkpoints" / "step_000008.pt"),
+                          "--json", str(report), "--boundary-tokens", "2048", "--no-sliding"]) == 0
+    assert json.loads(report.read_text())["boundaries"]["flip_rate_vs_compare"] == b["flip_rate_vs_compare"]
     assert eval_bpb.main([str(out / "final_model.int8.ptz"), "--compare", str(tmp_path / "missing.pt")]) == 2
     assert "--compare" in capsys.readouterr().err
