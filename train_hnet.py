@@ -96,6 +96,21 @@ def ensure_sample_export() -> None:
     print(f"exported the sample corpus to {SAMPLE_EXPORT} in {time.time() - t0:.1f}s")
 
 
+def export_corpus(docs: Path, spec: str = "byte260") -> dict:
+    """DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE of a documents file exported with a tokenizer spec
+    (byte260 or sp1024), exported once under data/<name>_export/ (its manifest says it is complete)."""
+    root = ROOT / "data" / f"{docs.name.split('.')[0]}_export"
+    dataset = root / "datasets" / f"fineweb10B_{spec}"
+    tokenizer = root / "tokenizers" / ("fineweb_pure_byte_260.json" if spec == "byte260" else "fineweb_1024_bpe.model")
+    manifest = root / "manifest.json"
+    if not (manifest.is_file() and any(d["name"] == dataset.name for d in json.loads(manifest.read_text())["datasets"])):
+        exporter = eval_bpb.import_file(ROOT / "data" / "download_hf_docs_and_tokenize.py")
+        if exporter.main(["--docs", str(docs), "--output-root", str(root),
+                          "--tokenizer-config", str(ROOT / "data" / f"tokenizer_specs_{spec}.json")]):
+            raise SystemExit(f"error: exporting {docs} with {spec} failed")
+    return {"DATA_PATH": str(dataset), "TOKENIZER_PATH": str(tokenizer), "VOCAB_SIZE": "260" if spec == "byte260" else "1024"}
+
+
 def run_in_process(study: Path, env: dict, demo: bool) -> int:
     trainer = eval_bpb.import_file(study / "train_gpt.py")
     try:

@@ -3,6 +3,8 @@
     python bench/minigolf.py                       # 150 s per model on the sample, seed 1337
     python bench/minigolf.py --seconds 300 --seeds 1337,1,2
     python bench/minigolf.py --models byte260_hnet,byte260_gpt --seconds 20 MODEL_DIM=32   # quick look
+    python bench/minigolf.py --docs data/sotu_full/sotu_1790_2021.jsonl.xz   # every address 1790-2021:
+                                   # 5x the training text, the same validation speeches (2015-2021)
 
 Trains and scores, through study 02's trainer and its `cpu_demo` run in runs.json (the demo's
 8 x 128 model, sequence 512, 4,096 tokens a step): the byte260 H-Net, the byte260 GPT
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1337", help="comma-separated seeds; each model runs once per seed")
     p.add_argument("--models", default=",".join(MODELS), help=f"a subset of {', '.join(MODELS)}")
     p.add_argument("--logs", type=Path, default=ROOT / "bench" / "logs" / "minigolf", help="where logs and the table go")
+    p.add_argument("--docs", type=Path, help="a documents file to train and validate on instead of the sample "
+                                             "(exported to byte260 and sp1024 on first use)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE for every model")
     args = p.parse_intermixed_args(argv)
     models = args.models.split(",")
@@ -104,8 +108,11 @@ def main(argv=None) -> int:
     for name in models:
         for seed in seeds:
             # the model's own keys (e.g. OUTER_LAYERS=0 for a GPT) win over overrides given for every model
+            keys = dict(MODELS[name])
+            if args.docs is not None:
+                keys.update(train_hnet.export_corpus(args.docs, "sp1024" if name.startswith("sp1024") else "byte260"))
             env, _ = train_hnet.run_env(study, "cpu_demo", [f"MAX_WALLCLOCK_SECONDS={args.seconds:g}", f"SEED={seed}",
-                                                            *args.overrides, *(f"{k}={v}" for k, v in MODELS[name].items())])
+                                                            *args.overrides, *(f"{k}={v}" for k, v in keys.items())])
             if str(train_hnet.SAMPLE_EXPORT) in env["DATA_PATH"]:  # the sample, exported on first use
                 train_hnet.ensure_sample_export() if "byte260" in env["DATA_PATH"] else ensure_sp1024_sample()
             one_epoch = train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
@@ -117,8 +124,9 @@ def main(argv=None) -> int:
             results.setdefault(name, []).append(row)
             shutil.copyfile(out / "train.log", args.logs / f"{name}_seed{seed}.log")
     command = " ".join(["python bench/minigolf.py", f"--seconds {args.seconds:g}", f"--seeds {args.seeds}",
-                        *([f"--models {args.models}"] if models != list(MODELS) else []), *args.overrides])
-    text = (f"`{command}`: mean (min-max) over seeds {args.seeds}; BPB of the sample's validation speeches; "
+                        *([f"--models {args.models}"] if models != list(MODELS) else []),
+                        *([f"--docs {args.docs}"] if args.docs else []), *args.overrides])
+    text = (f"`{command}`: mean (min-max) over seeds {args.seeds}; BPB of the validation speeches (2015-2021); "
             "round trip = the int6 GPTQ + zstd artifact read back\n\n" + table(results) + "\n")
     (args.logs / "table.md").write_text(text)
     (args.logs / "results.json").write_text(json.dumps(results, indent=1) + "\n")

