@@ -122,7 +122,7 @@ def mask_stats(mask: torch.Tensor, t: Targets, byte_level: bool) -> dict:
     out.update(length_stats(chunk_lengths(mask, t.unit_bytes), "chunk_bytes"))
     if not byte_level:  # SentencePiece: lengths in tokens as well
         out.update(length_stats(chunk_lengths(mask, torch.ones_like(t.unit_bytes)), "chunk_tokens"))
-    out["chunk_len_cv"] = out["chunk_bytes_cv"]
+    out["chunk_len_cv"] = out["chunk_bytes_cv"]  # the name eval_bpb's JSON used before chunk_bytes_cv
     return out
 
 

@@ -208,10 +208,10 @@ def analyse_boundaries(args, results: dict, main: tuple) -> None:
                 raise ValueError(f"--compare {args.compare}: not a state dict or checkpoint of this model: {e}") from None
             models.append((f"{args.compare.name} (float)", trainer, float_model, hp, val_tokens))
         else:
-            _, t2, _, _, hp2 = open_artifact(args.compare, args, {})
+            payload2, t2, _, _, hp2 = open_artifact(args.compare, args, {})
             if not hp2.is_hnet:
                 raise ValueError(f"--compare {args.compare}: a plain GPT has no chunks to compare")
-            m2 = t2.model_from_payload(read_payload(args.compare), device)
+            m2 = t2.model_from_payload(payload2, device)
             title2 = f"{args.compare.name} ({'sp%d' % hp2.vocab_size if hp2.uses_sentencepiece else 'byte260'})"
             models.append((title2, t2, m2, hp2, t2.load_validation(hp2).tokens))
     reports, views = [], []

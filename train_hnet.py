@@ -81,34 +81,28 @@ def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
     return env, int(runs[run].get("nproc", 1))
 
 
-def ensure_sample_export() -> None:
-    """Export the embedded corpus to byte260 shards the first time the demo runs. The manifest is
-    written last, so an export it lists is complete."""
-    manifest = SAMPLE_EXPORT / "manifest.json"
-    if manifest.is_file() and any(d["name"] == "fineweb10B_byte260" for d in json.loads(manifest.read_text())["datasets"]):
-        return
-    exporter = eval_bpb.import_file(ROOT / "data" / "download_hf_docs_and_tokenize.py")
-    t0 = time.time()
-    code = exporter.main(["--docs", str(SAMPLE_DOCS), "--output-root", str(SAMPLE_EXPORT),
-                          "--tokenizer-config", str(ROOT / "data" / "tokenizer_specs_byte260.json")])
-    if code:
-        raise SystemExit(f"error: exporting {SAMPLE_DOCS} failed (exit {code})")
-    print(f"exported the sample corpus to {SAMPLE_EXPORT} in {time.time() - t0:.1f}s")
-
-
-def export_corpus(docs: Path, spec: str = "byte260") -> dict:
+def export_corpus(docs: Path, spec: str = "byte260", root: Path | None = None) -> dict:
     """DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE of a documents file exported with a tokenizer spec
-    (byte260 or sp1024), exported once under data/<name>_export/ (its manifest says it is complete)."""
-    root = ROOT / "data" / f"{docs.name.split('.')[0]}_export"
+    (byte260 or sp1024) into root (default data/<name>_export/), exported only the first time: the
+    manifest is written last, so a dataset it lists is complete."""
+    root = root or ROOT / "data" / f"{docs.name.split('.')[0]}_export"
     dataset = root / "datasets" / f"fineweb10B_{spec}"
     tokenizer = root / "tokenizers" / ("fineweb_pure_byte_260.json" if spec == "byte260" else "fineweb_1024_bpe.model")
     manifest = root / "manifest.json"
     if not (manifest.is_file() and any(d["name"] == dataset.name for d in json.loads(manifest.read_text())["datasets"])):
         exporter = eval_bpb.import_file(ROOT / "data" / "download_hf_docs_and_tokenize.py")
-        if exporter.main(["--docs", str(docs), "--output-root", str(root),
-                          "--tokenizer-config", str(ROOT / "data" / f"tokenizer_specs_{spec}.json")]):
-            raise SystemExit(f"error: exporting {docs} with {spec} failed")
+        t0 = time.time()
+        code = exporter.main(["--docs", str(docs), "--output-root", str(root),
+                              "--tokenizer-config", str(ROOT / "data" / f"tokenizer_specs_{spec}.json")])
+        if code:
+            raise SystemExit(f"error: exporting {docs} with {spec} failed (exit {code})")
+        print(f"exported {docs.name} ({spec}) to {root} in {time.time() - t0:.1f}s")
     return {"DATA_PATH": str(dataset), "TOKENIZER_PATH": str(tokenizer), "VOCAB_SIZE": "260" if spec == "byte260" else "1024"}
+
+
+def ensure_sample_export() -> None:
+    """The embedded corpus as byte260 shards, exported the first time the demo runs."""
+    export_corpus(SAMPLE_DOCS, "byte260", SAMPLE_EXPORT)
 
 
 def run_in_process(study: Path, env: dict, demo: bool) -> int:
@@ -340,7 +334,8 @@ def main(argv=None) -> int:
     study = study_dir(args.study)
     env, nproc = run_env(study, args.run, args.overrides)
     nproc = args.nproc or nproc
-    seeds = parse_seeds(args.seeds, load_runs(study)[args.run].get("seeds")) if args.seeds else None
+    spec = load_runs(study)[args.run]  # run_env has checked that it exists
+    seeds = parse_seeds(args.seeds, spec.get("seeds")) if args.seeds else None
     if seeds and args.seed is not None:
         p.error("give --seed or --seeds, not both")
     trainer = eval_bpb.import_file(study / "train_gpt.py")
@@ -355,7 +350,7 @@ def main(argv=None) -> int:
         for seed in seeds or [None]:
             seed_env = env if seed is None else {**env, "SEED": str(seed)}
             print(" ".join(f"{k}={shlex.quote(v)}" for k, v in seed_env.items()) + " " + " ".join(map(shlex.quote, cmd)))
-        print_estimate(estimate_size(trainer, hp), trainer.SIZE_CAP_BYTES, load_runs(study)[args.run].get("published"))
+        print_estimate(estimate_size(trainer, hp), trainer.SIZE_CAP_BYTES, spec.get("published"))
         return 0
     if args.run == "cpu_demo" or "sample_export" in env.get("DATA_PATH", ""):
         ensure_sample_export()

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     work = ROOT / "runs" / f"fidelity_{args.study}_{time.strftime('%Y%m%d_%H%M%S')}"
     rows = []
 
-    def measure(name: str, label: str, extra: dict) -> Path:
+    def record(name: str, label: str, extra: dict) -> Path:
         out = work / name
         print(f"=== {label}", flush=True)
         rows.append(run_once(study, {**env, **extra}, out, label))
@@ -90,16 +90,16 @@ def main(argv=None) -> int:
     unknown = (only or set()) - {k for k, _ in spec["train"] + spec["export"]}
     if unknown:
         p.error(f"--switches: {', '.join(sorted(unknown))} is not a switch of study {args.study}")
-    base = measure("base", f"`{spec['run']}` as in runs.json" + (" + " + " ".join(args.overrides) if args.overrides else ""), {})
+    base = record("base", f"`{spec['run']}` as in runs.json" + (" + " + " ".join(args.overrides) if args.overrides else ""), {})
     checkpoint = base / "checkpoints" / f"step_{args.steps:06d}.pt"
     for key, value in spec["train"]:
         if only is None or key in only:
-            measure(f"{key.lower()}_{value}", f"`{key}={value}` (trained)", {key: value})
+            record(f"{key.lower()}_{value}", f"`{key}={value}` (trained)", {key: value})
     for key, value in spec["export"]:
         if only is None or key in only:
-            measure(f"{key.lower()}_{value}", f"`{key}={value}` (re-export)", {key: value, "RESUME_FROM": str(checkpoint)})
+            record(f"{key.lower()}_{value}", f"`{key}={value}` (re-export)", {key: value, "RESUME_FROM": str(checkpoint)})
     if only is None:
-        measure("all_switched", "all of them: " + " ".join(f"`{k}={v}`" for k, v in spec["all"].items()), spec["all"])
+        record("all_switched", "all of them: " + " ".join(f"`{k}={v}`" for k, v in spec["all"].items()), spec["all"])
     command = " ".join(["python bench/fidelity.py", args.study, *(["--steps", str(args.steps)] if args.steps != 1000 else []),
                         *(["--switches", args.switches] if args.switches else []), *args.overrides])
     text = (f"{spec['run']} for {args.steps} steps, seed {env.get('SEED', '1337')}, each row one switch flipped; "

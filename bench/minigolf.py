@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_hnet  # noqa: E402
 
-SP1024_SPEC = ROOT / "data" / "tokenizer_specs_sp1024.json"
 SAMPLE_SP = train_hnet.SAMPLE_EXPORT / "datasets" / "fineweb10B_sp1024"
 SP_ENV = {"DATA_PATH": str(SAMPLE_SP), "TOKENIZER_PATH": str(train_hnet.SAMPLE_EXPORT / "tokenizers" / "fineweb_1024_bpe.model"),
           "VOCAB_SIZE": "1024"}
@@ -44,17 +43,6 @@ MODELS = {
     "sp1024_gpt": {**SP_ENV, "OUTER_LAYERS": "0"},
     "sp1024_hnet": {**SP_ENV, "TARGET_AVG_CHUNK_LEN": "2"},
 }
-
-
-def ensure_sp1024_sample() -> None:
-    """Export the sample to sp1024 beside its byte260 export (the same documents and split)."""
-    manifest = train_hnet.SAMPLE_EXPORT / "manifest.json"
-    if manifest.is_file() and any(d["name"] == SAMPLE_SP.name for d in json.loads(manifest.read_text())["datasets"]):
-        return
-    exporter = train_hnet.eval_bpb.import_file(ROOT / "data" / "download_hf_docs_and_tokenize.py")
-    if exporter.main(["--docs", str(train_hnet.SAMPLE_DOCS), "--output-root", str(train_hnet.SAMPLE_EXPORT),
-                      "--tokenizer-config", str(SP1024_SPEC)]):
-        raise SystemExit("error: exporting the sample to sp1024 failed")
 
 
 def train_tokens(data_path: str) -> int:
@@ -114,7 +102,8 @@ def main(argv=None) -> int:
             env, _ = train_hnet.run_env(study, "cpu_demo", [f"MAX_WALLCLOCK_SECONDS={args.seconds:g}", f"SEED={seed}",
                                                             *args.overrides, *(f"{k}={v}" for k, v in keys.items())])
             if str(train_hnet.SAMPLE_EXPORT) in env["DATA_PATH"]:  # the sample, exported on first use
-                train_hnet.ensure_sample_export() if "byte260" in env["DATA_PATH"] else ensure_sp1024_sample()
+                train_hnet.export_corpus(train_hnet.SAMPLE_DOCS, "byte260" if "byte260" in env["DATA_PATH"] else "sp1024",
+                                         train_hnet.SAMPLE_EXPORT)
             one_epoch = train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
             env["ITERATIONS"] = str(min(int(env["ITERATIONS"]), one_epoch))
             out = work / f"{name}_seed{seed}"
