@@ -272,9 +272,13 @@ def boundary_summary(b: dict) -> str:
 
 
 def main(argv=None) -> int:
+    import torch.distributed as dist
+
     args = parse_args(argv)
     try:
         results, code = evaluate(args)
+        if dist.is_initialized():  # under torchrun: leave together, or gloo's teardown can abort a rank
+            dist.barrier()
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
@@ -282,9 +286,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # under torchrun
+        if dist.is_initialized():
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print_results(results)

@@ -1489,6 +1489,8 @@ def main() -> int:
               "the run folder's checkpoints/, and RESUME_FROM=<it> redoes the export", file=sys.stderr)
         code = 130
     if dist.is_initialized():
+        if code in (0, 4):  # ranks leave together: one leaving mid-talk can abort in gloo teardown
+            dist.barrier()
         dist.destroy_process_group()
     return code
 
