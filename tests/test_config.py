@@ -44,8 +44,17 @@ def test_a_likely_misspelling_is_warned_about():
 def test_batch_must_split_over_eight_micro_steps():
     t = study02()
     hp, _ = t.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "1000", "TRAIN_SEQ_LEN": "64"})
-    with pytest.raises(t.ConfigError, match="TRAIN_BATCH_TOKENS=1000 must be a multiple of 8 \\* TRAIN_SEQ_LEN = 512"):
+    with pytest.raises(t.ConfigError, match="TRAIN_BATCH_TOKENS=1000 must be a multiple of .* TRAIN_SEQ_LEN = 512"):
         t.setup_device(hp)
+    hp, _ = t.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "384", "TRAIN_SEQ_LEN": "64", "GRAD_ACCUM_STEPS": "3"})
+    assert t.setup_device(hp).grad_accum_steps == 3  # any count that splits the batch
+    hp, _ = t.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "384", "TRAIN_SEQ_LEN": "64", "GRAD_ACCUM_STEPS": "4"})
+    with pytest.raises(t.ConfigError, match="= 256"):
+        t.setup_device(hp)
+    with pytest.raises(t.ConfigError, match="RATIO_TARGET_START must exceed 1"):
+        t.Hyperparameters.from_env({"RATIO_TARGET_STEPS": "100"})
+    with pytest.raises(t.ConfigError, match="unknown variable GRAD_ACUM_STEPS: did you mean GRAD_ACCUM_STEPS"):
+        t.Hyperparameters.from_env({"GRAD_ACUM_STEPS": "2"})
 
 
 def test_lr_schedule_warmdown_by_steps_and_by_wall_clock():

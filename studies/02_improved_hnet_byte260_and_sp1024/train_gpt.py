@@ -53,7 +53,7 @@ from torch import Tensor, nn
 # Unknown variables starting with one of these are errors (they can only be meant for us).
 OWN_PREFIXES = ("HNET_", "GPTQ_", "EVAL_", "TRAIN_", "VAL_", "MUON_", "LATE_QAT_", "EMA_", "CHUNK_",
                 "RATIO_", "OUTER_", "TARGET_AVG_", "TIED_EMBED_", "SUBMISSION_", "CHECKPOINT_", "PRUNE_",
-                "QUANT_", "EXPORT_", "COMPILE_")
+                "QUANT_", "EXPORT_", "COMPILE_", "GRAD_")
 CHOICES = {"autocast": ("auto", "bf16", "off"), "gptq_clip_search": ("matrix", "row")}
 
 @dataclass
@@ -104,6 +104,10 @@ class Hyperparameters:
     muon_backend_steps: int = 5
     grad_clip_norm: float = 0.0  # 0: off
     ratio_loss_per_seq: int = 1  # 1 (published): F and G per sequence, then averaged; 0: over the batch
+    ratio_target_start: float = 0.0  # ours, off in published runs (study README): the ratio loss's N
+    ratio_target_steps: int = 0  # rises from START to TARGET_AVG_CHUNK_LEN over these steps (0: fixed)
+    outer_lr_mult: float = 1.0  # Muon LR of encoder, router and decoder matrices = this x MATRIX_LR
+    grad_accum_steps: int = 0  # micro-steps a step on each rank (0, published: 8 // WORLD_SIZE)
     # study 02 training extras
     late_qat_threshold: float = 0.15  # QAT switches on after the step whose LR multiplier fell below this
     ema_decay: float = 0.0  # 0: off
@@ -174,6 +178,8 @@ class Hyperparameters:
              f"OUTER_LAYERS={self.outer_layers} leaves no main stage in NUM_LAYERS={self.num_layers}")
         need(self.target_avg_chunk_len > 1, f"TARGET_AVG_CHUNK_LEN must exceed 1, got {self.target_avg_chunk_len}")
         need(0 < self.hnet_lr_diff, f"HNET_LR_DIFF must be positive, got {self.hnet_lr_diff}")
+        need(self.ratio_target_steps <= 0 or self.ratio_target_start > 1, "RATIO_TARGET_START must exceed 1 if it ramps")
+        need(self.outer_lr_mult > 0 and self.grad_accum_steps >= 0, "need OUTER_LR_MULT > 0 and GRAD_ACCUM_STEPS >= 0")
         need(self.eval_stride <= self.train_seq_len, f"EVAL_STRIDE={self.eval_stride} exceeds TRAIN_SEQ_LEN")
         need(0 <= self.prune_pct < 1, f"PRUNE_PCT must be in [0, 1), got {self.prune_pct}")
         need(0 <= self.ema_decay < 1, f"EMA_DECAY must be in [0, 1), got {self.ema_decay}")
@@ -193,19 +199,15 @@ class Hyperparameters:
     @property
     def is_hnet(self) -> bool:
         return self.outer_layers > 0
-
     @property
     def uses_sentencepiece(self) -> bool:
         return self.tokenizer_path.endswith(".model")
-
     @property
     def formats(self) -> list[str]:
         return self.export_formats.split(",")
-
     @property
     def uses_gptq(self) -> bool:
         return "int6" in self.formats and self.gptq_calib_batches > 0
-
     @property
     def reserve_seconds(self) -> float:  # training time kept back for GPTQ calibration, when it runs
         return self.gptq_reserve_seconds if self.uses_gptq else 0.0
@@ -218,7 +220,6 @@ class NonFiniteScore(ValueError):
 
 class TrainingStopped(RuntimeError):
     """A run stopped early (NaN loss, signal); carries the process exit code."""
-
     def __init__(self, msg: str, exit_code: int):
         super().__init__(msg)
         self.exit_code = exit_code
@@ -248,7 +249,6 @@ class Muon(torch.optim.Optimizer):
                  world_size: int, ns_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
         self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
-
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
@@ -533,13 +533,8 @@ def tensors_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
-    out = {}
-    for name, e in payload["tensors"].items():
-        if "q" in e:
-            out[name] = e["q"].float() * e["scale"].float()[:, None]
-        else:
-            out[name] = e["w"].float() if e["w"].is_floating_point() else e["w"]
-    return out
+    return {name: e["q"].float() * e["scale"].float()[:, None] if "q" in e else e["w"].float()
+            if e["w"].is_floating_point() else e["w"] for name, e in payload["tensors"].items()}
 
 def compress(payload: dict, fmt: str) -> bytes:
     """A plain zlib or zstd stream, each checksummed (zlib's adler32; zstd's content checksum, on)."""
@@ -658,18 +653,14 @@ def tokenizer_fingerprint(hp: Hyperparameters) -> dict:
 
 class TokenStream:
     """The train shards as one endless stream; (file index, position) is its whole state."""
-
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
         self.load_state({"file": 0, "pos": 0})
-
     def state(self) -> dict:
         return {"file": self.file, "pos": self.pos}
-
     def load_state(self, state: dict) -> None:
         self.file, self.pos = state["file"], state["pos"]
         self.tokens = load_data_shard(self.files[self.file], self.vocab_size)
-
     def take(self, n: int) -> Tensor:
         parts = []
         while n > 0:
@@ -807,7 +798,6 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """Blocks with U-Net skips: the first half push their outputs, the second half add them back
     (popped, weighted per channel). Input and output are RMS-normalised."""
-
     def __init__(self, hp: Hyperparameters, num_blocks: int):
         super().__init__()
         self.num_push = num_blocks // 2
@@ -845,6 +835,7 @@ class HNet(nn.Module):
             self.dechunk = DeChunkLayer()
             self.residual_proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
             self.decoder = Stage(hp, hp.outer_layers)
+            self.register_buffer("ratio_target", torch.tensor(hp.target_avg_chunk_len), persistent=False)
         else:
             self.main = Stage(hp, hp.num_layers)
 
@@ -871,7 +862,8 @@ class HNet(nn.Module):
             up = self.dechunk(z, chunks.probs, chunks.chunk_index)  # (B, L, D)
             x = ste_one(router.selected_probs)[..., None].to(up.dtype) * up + self.residual_proj(h)
             x = self.decoder(ScaleGrad.apply(x, self.hp.hnet_lr_diff))
-            ratio = ratio_loss(router, self.hp.target_avg_chunk_len, bool(self.hp.ratio_loss_per_seq))
+            n = self.ratio_target if self.hp.ratio_target_steps > 0 else self.hp.target_avg_chunk_len
+            ratio = ratio_loss(router, n, bool(self.hp.ratio_loss_per_seq))
             boundary_mask = router.boundary_mask
         else:
             x = self.main(x)
@@ -947,12 +939,10 @@ class DeChunkLayer(nn.Module):
 
 class ScaleGrad(torch.autograd.Function):
     """Identity forward, gradient times `scale` backward (H-Net's per-stage learning-rate split)."""
-
     @staticmethod
     def forward(ctx, x: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
         return x.view_as(x)
-
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad * ctx.scale, None
@@ -961,7 +951,7 @@ def ste_one(c: Tensor) -> Tensor:
     """Forward value exactly 1 (c - c is exactly 0), gradient passed to c."""
     return 1.0 + (c - c.detach())
 
-def ratio_loss(router: RoutingModuleOutput, n: float, per_seq: bool) -> Tensor:
+def ratio_loss(router: RoutingModuleOutput, n: float | Tensor, per_seq: bool) -> Tensor:
     """H-Net's ratio loss: 1 when both the hard boundary fraction F and the mean probability G
     equal 1/N, larger otherwise; only G carries gradient. per_seq (the published studies): F and
     G of each sequence, losses averaged; otherwise F and G over the whole batch (the paper)."""
@@ -990,11 +980,9 @@ class Runtime:
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
-
     @property
     def master(self) -> bool:
         return self.rank == 0
-
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -1004,11 +992,12 @@ def setup_device(hp: Hyperparameters) -> Runtime:
     """Decide everything device-specific once: NCCL + bf16 + compile on CUDA, gloo + fp32 on CPU.
     AUTOCAST=bf16 on CPU runs the CUDA precision path (bf16 autocast, bf16 Newton-Schulz)."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if 8 % world_size:
+    if 8 % world_size and not hp.grad_accum_steps:
         raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (grad accumulation is 8 / WORLD_SIZE)")
-    if hp.train_batch_tokens % (8 * hp.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of "
-                          f"8 * TRAIN_SEQ_LEN = {8 * hp.train_seq_len}")
+    accum = hp.grad_accum_steps or 8 // world_size
+    if hp.train_batch_tokens % (world_size * accum * hp.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of WORLD_SIZE * "
+                          f"grad accumulation * TRAIN_SEQ_LEN = {world_size * accum * hp.train_seq_len}")
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "nccl"
         torch.cuda.set_device(device)
@@ -1023,7 +1012,7 @@ def setup_device(hp: Hyperparameters) -> Runtime:
         dist.init_process_group(backend=backend)
     compile_on = hp.compile_model == 1 or (hp.compile_model == -1 and device.type == "cuda")
     bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and device.type == "cuda")
-    return Runtime(device, rank, world_size, 8 // world_size, compile_on, torch.bfloat16 if bf16 else None)
+    return Runtime(device, rank, world_size, accum, compile_on, torch.bfloat16 if bf16 else None)
 
 def run_log(path: Path | None):
     """log(msg, console=True): rank 0 appends to train.log (and prints); other ranks do nothing."""
@@ -1066,10 +1055,19 @@ def build_optimizers(model: HNet, hp: Hyperparameters, rt: Runtime) -> list:
     def adam(params, lr):
         return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(hp.beta1, hp.beta2),
                                 eps=hp.adam_eps, weight_decay=0.0, fused=True)
-    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank, rt.world_size,
+    groups = [{"params": matrices, "base_lr": hp.matrix_lr}]
+    if hp.is_hnet and hp.outer_lr_mult != 1:  # two groups: the main stage's matrices, and the rest
+        main = {id(m.weight) for m in model.main.modules() if isinstance(m, CastedLinear)}
+        groups = [{"params": [p for p in matrices if id(p) in main], "base_lr": hp.matrix_lr},
+                  {"params": [p for p in matrices if id(p) not in main], "base_lr": hp.matrix_lr * hp.outer_lr_mult}]
+    muon = Muon(groups, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank, rt.world_size,
                 rt.autocast_dtype or torch.float32)
-    muon.param_groups[0]["base_lr"] = hp.matrix_lr
     return [adam([model.tok_emb.weight], hp.tied_embed_lr), muon, adam(scalars, hp.scalar_lr)]
+
+def ratio_target(hp: Hyperparameters, step: int) -> float:
+    """The ratio loss's N at training step `step` (from 0): fine chunks first, then the target."""
+    frac = min(step / hp.ratio_target_steps, 1.0) if hp.ratio_target_steps > 0 else 1.0
+    return (1 - frac) * hp.ratio_target_start + frac * hp.target_avg_chunk_len
 
 def training_cap_ms(hp: Hyperparameters) -> float:
     """Wall-clock budget for the training loop (0: none); GPTQ's calibration comes out of the same
@@ -1120,6 +1118,8 @@ def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
     gate) and signals cross to the host in one copy, the gate, before the update; not finite: no update."""
     hp, rt = run.hp, run.rt
     stats = torch.zeros(6, device=rt.device, dtype=torch.float64)
+    if hp.is_hnet and hp.ratio_target_steps > 0:
+        run.model.ratio_target.fill_(ratio_target(hp, run.step))
     for _ in range(rt.grad_accum_steps):
         x, y = run.loader.next_batch()
         with rt.autocast():
@@ -1146,7 +1146,8 @@ def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
     if hp.grad_clip_norm > 0:  # off in every published run
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), hp.grad_clip_norm)
     frac = min(run.step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
-    run.optimizers[1].param_groups[0]["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+    for group in run.optimizers[1].param_groups:
+        group["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mul
