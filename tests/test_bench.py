@@ -1,5 +1,6 @@
 """The bench/ harnesses: their tables are made of the runs they made (tiny models, seconds)."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -28,6 +29,12 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
             sub = json.loads((Path(r["run_dir"]) / "submission.json").read_text())
             assert sub["roundtrip_val_bpb"] == r["roundtrip"] and sub["steps"] == r["steps"]
             assert r["epochs"] <= 1.0
+            # bytes/s counts the bytes the train tokens stand for, at the validation text's bytes per
+            # token (from the float score: val_loss / (val_bpb * ln 2)), not at the vocabulary's mean
+            loss, bpb = map(float, re.search(r"final_float val_loss:(\S+) val_bpb:(\S+)",
+                                             (Path(r["run_dir"]) / "train.log").read_text()).groups())
+            want = r["steps"] * 1024 * loss / (bpb * math.log(2)) / (r["train_ms"] / 1000)
+            assert abs(r["train_bytes_per_s"] / want - 1) < 1e-6
         bpbs = [r["roundtrip"] for r in runs]
         mean = sum(bpbs) / 2
         assert rows[name][7] == f"{mean:.4f} ({min(bpbs):.4f}-{max(bpbs):.4f})"
