@@ -82,3 +82,21 @@ def test_a_later_first_year_keeps_validation_and_cuts_only_training(tmp_path, mo
     assert meta["docs_val"] == 7 and meta["val_years"] == [2015, 2021] and meta["train_years"] == [2000, 2014]
     docs = [json.loads(line) for line in lzma.open(tmp_path / "sotu_2000_2021.jsonl.xz", "rt")]
     assert [d["year"] for d in docs[7:]] == sorted(d["year"] for d in docs[7:]) and docs[7]["year"] == 2000
+
+
+def test_shuffled_training_order_is_deterministic_and_keeps_validation_first(tmp_path, monkeypatch):
+    make_sample = load_module("data/sample/make_sample.py")
+    tarball = package_tarball(tmp_path / "pkg.tgz")
+    monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    years = {}
+    for run, extra in (("year", []), ("a", ["--shuffle-train", "7"]), ("b", ["--shuffle-train", "7"])):
+        (tmp_path / run).mkdir()
+        assert make_sample.main([str(tarball), "--out-dir", str(tmp_path / run), *extra]) == 0
+        name = "sotu_1961_2021" + ("_shuf7" if extra else "")
+        years[run] = [json.loads(line)["year"] for line in lzma.open(tmp_path / run / f"{name}.jsonl.xz", "rt")]
+        meta = json.loads((tmp_path / run / f"{name}.meta.json").read_text())
+        assert meta["docs_val"] == 7 and meta["train_years"] == [1961, 2014]
+    assert years["a"] == years["b"]  # the same seed, the same order
+    assert years["a"][:7] == years["year"][:7] == list(range(2015, 2022))  # validation untouched, first
+    assert sorted(years["a"][7:]) == years["year"][7:] != years["a"][7:]  # the same documents, reordered
+    assert "random.Random(7)" in meta["train_order"]

