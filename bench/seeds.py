@@ -85,6 +85,8 @@ def main(argv=None) -> int:
         if r["boundaries"] is None:
             p.error(f"run {args.run} is not an H-Net: it has no boundaries to measure")
         rows.append(row_of(seed, r))
+        print(f"=== seed {seed}: " + ", ".join(f"{h} {f.format(rows[-1][k])}" for h, (k, f) in zip(HEADERS, COLUMNS)),
+              flush=True)  # a long sweep shows each seed as it ends
         shutil.copyfile(out / "train.log", logs / f"seed{seed}.log")
     corpus = args.docs.name if args.docs else Path(env["DATA_PATH"]).name
     command = " ".join(["python bench/seeds.py", *(a for a in (argv if argv is not None else sys.argv[1:]))])
