@@ -67,3 +67,9 @@ def test_lr_schedule_warmdown_by_steps_and_by_wall_clock():
     assert t.lr_multiplier(hp, 1000, 100_000.0) == 1.0
     assert t.lr_multiplier(hp, 5690, 569_000.0) == pytest.approx(0.5)
     assert t.lr_multiplier(hp, 5700, 570_000.0) == 0.0
+    # LR_WARMUP_STEPS (ours, off in published runs): step s (from 0) trains at (s + 1) / K, then the warmdown
+    hp, _ = t.Hyperparameters.from_env({"ITERATIONS": "100", "WARMDOWN_ITERS": "20", "MAX_WALLCLOCK_SECONDS": "0",
+                                        "LR_WARMUP_STEPS": "4"})
+    assert [t.lr_multiplier(hp, s, 0.0) for s in (0, 1, 3, 50, 90)] == [0.25, 0.5, 1.0, 1.0, 0.5]
+    hp, _ = t.Hyperparameters.from_env({"ITERATIONS": "10", "WARMDOWN_ITERS": "0", "LR_WARMUP_STEPS": "5"})
+    assert [t.lr_multiplier(hp, s, 0.0) for s in (0, 4, 9)] == [0.2, 1.0, 1.0]

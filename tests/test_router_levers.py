@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, run_tiny, study02, tiny_hparams
 
-LEVERS = ("RATIO_TARGET_START", "RATIO_TARGET_STEPS", "OUTER_LR_MULT", "GRAD_ACCUM_STEPS")
+LEVERS = ("RATIO_TARGET_START", "RATIO_TARGET_STEPS", "OUTER_LR_MULT", "GRAD_ACCUM_STEPS", "LR_WARMUP_STEPS")
 
 
 def final_state(run_dir):
@@ -23,7 +23,7 @@ def test_published_presets_leave_every_lever_off():
     published = {name: r for name, r in runs.items() if r.get("published")}
     assert published and not any(k in r["env"] for r in published.values() for k in LEVERS)
     hp = tiny_hparams(study02())
-    assert (hp.ratio_target_steps, hp.outer_lr_mult, hp.grad_accum_steps) == (0, 1.0, 0)
+    assert (hp.ratio_target_steps, hp.outer_lr_mult, hp.grad_accum_steps, hp.lr_warmup_steps) == (0, 1.0, 0, 0)
 
 
 def test_ratio_target_schedule_by_hand(sample_byte260, tmp_path):

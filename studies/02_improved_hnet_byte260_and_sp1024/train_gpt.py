@@ -53,7 +53,7 @@ from torch import Tensor, nn
 # Unknown variables starting with one of these are errors (they can only be meant for us).
 OWN_PREFIXES = ("HNET_", "GPTQ_", "EVAL_", "TRAIN_", "VAL_", "MUON_", "LATE_QAT_", "EMA_", "CHUNK_",
                 "RATIO_", "OUTER_", "TARGET_AVG_", "TIED_EMBED_", "SUBMISSION_", "CHECKPOINT_", "PRUNE_",
-                "QUANT_", "EXPORT_", "COMPILE_", "GRAD_")
+                "QUANT_", "EXPORT_", "COMPILE_", "GRAD_", "LR_")
 CHOICES = {"autocast": ("auto", "bf16", "off"), "gptq_clip_search": ("matrix", "row")}
 
 @dataclass
@@ -108,6 +108,7 @@ class Hyperparameters:
     ratio_target_steps: int = 0  # rises from START to TARGET_AVG_CHUNK_LEN over these steps (0: fixed)
     outer_lr_mult: float = 1.0  # Muon LR of encoder, router and decoder matrices = this x MATRIX_LR
     grad_accum_steps: int = 0  # micro-steps a step on each rank (0, published: 8 // WORLD_SIZE)
+    lr_warmup_steps: int = 0  # every LR rises linearly over these first steps (0, published: none)
     # study 02 training extras
     late_qat_threshold: float = 0.15  # QAT switches on after the step whose LR multiplier fell below this
     ema_decay: float = 0.0  # 0: off
@@ -667,8 +668,7 @@ class TokenStream:
             if self.pos >= self.tokens.numel():
                 self.load_state({"file": (self.file + 1) % len(self.files), "pos": 0})
                 continue
-            part = self.tokens[self.pos:self.pos + n]
-            parts.append(part)
+            parts.append(part := self.tokens[self.pos:self.pos + n])
             self.pos += part.numel()
             n -= part.numel()
         return torch.cat(parts)
@@ -1075,11 +1075,12 @@ def training_cap_ms(hp: Hyperparameters) -> float:
     return 1000.0 * (hp.max_wallclock_seconds - hp.reserve_seconds) if hp.max_wallclock_seconds > 0 else 0.0
 
 def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """No warmup; linear warmdown to 0 over the last WARMDOWN_ITERS steps, or, under a wall-clock
-    cap, over the last WARMDOWN_ITERS x (mean step time) before the cap, whichever is lower."""
+    """Linear warmup over LR_WARMUP_STEPS (ours; published: none); linear warmdown to 0 over the last
+    WARMDOWN_ITERS steps, or, under a wall-clock cap, the last WARMDOWN_ITERS x (mean step time)."""
+    warm = min((step + 1) / hp.lr_warmup_steps, 1.0) if hp.lr_warmup_steps > 0 else 1.0
     if hp.warmdown_iters <= 0:
-        return 1.0
-    mul = min(max((hp.iterations - step) / hp.warmdown_iters, 0.0), 1.0)
+        return warm
+    mul = min(max((hp.iterations - step) / hp.warmdown_iters, 0.0), warm)
     cap_ms = training_cap_ms(hp)
     if cap_ms > 0 and step > 0:
         warmdown_ms = hp.warmdown_iters * elapsed_ms / step
@@ -1188,8 +1189,7 @@ def restore_state(run: Run, state: dict) -> None:
     for opt, s in zip(run.optimizers, state["optimizers"]):
         opt.load_state_dict(s)
     run.loader.stream.load_state(state["loader"])
-    run.step, run.training_time_ms, run.ema = state["step"], state["training_time_ms"], state["ema"]
-    run.qat = state["qat"]
+    run.step, run.training_time_ms, run.ema, run.qat = state["step"], state["training_time_ms"], state["ema"], state["qat"]
     refresh_qat(run.model, run.qat, bool(run.hp.quant_scale_floor))
     torch.set_rng_state(state["rng"]["torch"].cpu())
     np.random.set_state(state["rng"]["numpy"])
