@@ -4,6 +4,8 @@ import math
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import load_module
 
 TINY = ["MODEL_DIM=32", "NUM_HEADS=2", "NUM_KV_HEADS=1", "NUM_LAYERS=4", "OUTER_LAYERS=1", "TRAIN_SEQ_LEN=64",
@@ -61,3 +63,31 @@ def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, 
         median = (values[0] + values[1]) / 2
         assert cell == f"{fmt.format(values[0])} / {fmt.format(median)} / {fmt.format(values[1])}", key
     assert rows[0]["roundtrip"] != rows[1]["roundtrip"]  # the seed reached the trainer
+
+
+def test_router_trajectory_rows_are_each_checkpoints_own_boundaries(sample_byte260, tmp_path, capsys):
+    import torch
+
+    import boundaries
+    from conftest import run_tiny, study02
+
+    t = study02()
+    run, _ = run_tiny(t, sample_byte260, tmp_path / "run", ITERATIONS="4", CHECKPOINT_EVERY="2",
+                      GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0", EXPORT_FORMATS="int8")
+    trajectory = load_module("bench/router_trajectory.py")
+    assert trajectory.main([str(tmp_path / "run"), "--tokens", "2048"]) == 0
+    body = [line for line in (tmp_path / "run" / "trajectory.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0].strip("| ") for line in body] == ["2", "4"]
+    train_tokens = sum(t.load_data_shard(f).numel() for f in t.shard_files(run.hp, "train"))
+    for line, step in zip(body, (2, 4)):  # recompute each row from its checkpoint
+        model = t.HNet(run.hp).eval()
+        model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / f"step_{step:06d}.pt",
+                                         weights_only=False)["model"])
+        c = boundaries.collect(model, run.hp, run.val_tokens, torch.device("cpu"), 2048)
+        b = boundaries.mask_stats(c.mask, boundaries.targets(run.hp, c.tokens), True)
+        cells = line.strip("| ").split(" | ")
+        assert cells[1] == f"{step * 1024 / train_tokens:.2f}"
+        assert cells[2:5] == [f"{b['tokens_per_chunk']:.2f}", f"{b['precision']:.3f}", f"{b['recall']:.3f}"]
+    with pytest.raises(SystemExit) as e:  # a folder that is not a run is refused by name
+        trajectory.main([str(tmp_path)])
+    assert e.value.code == 2 and "no train.log" in capsys.readouterr().err

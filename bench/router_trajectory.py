@@ -1,0 +1,90 @@
+"""When does a router find word starts, and does it keep them? Alignment at every checkpoint of a run.
+
+    python bench/router_trajectory.py runs/<run>          # a run trained with CHECKPOINT_EVERY=K
+
+Reads the run's train.log header for its trainer and config, loads each checkpoints/step_*.pt
+into the model and measures the boundaries (boundaries.py, float weights) on the first
+--tokens validation tokens. Prints one markdown table: step, epochs of the training split read,
+bytes per chunk, word-start precision and recall, precision one byte before and after. Writes it
+to <run>/trajectory.md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import boundaries  # noqa: E402
+import eval_bpb  # noqa: E402
+
+
+def config_of(run_dir: Path, trainer) -> dict:
+    """The resolved `key:value` lines the trainer prints after its own source in train.log."""
+    text = (run_dir / "train.log").read_text(encoding="utf-8")
+    fields = set(trainer.Hyperparameters.__dataclass_fields__)
+    env = {}
+    for line in text.split("=" * 100, 1)[-1].splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key in fields and key not in env:
+            env[key.upper()] = value
+    return env
+
+
+def trajectory(run_dir: Path, study: Path, tokens: int) -> list[dict]:
+    import torch
+
+    trainer = eval_bpb.import_file(study / "train_gpt.py")
+    hp, _ = trainer.Hyperparameters.from_env(config_of(run_dir, trainer))
+    if not hp.is_hnet:
+        raise SystemExit(f"error: {run_dir} trained a plain GPT (OUTER_LAYERS=0): it has no router")
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    if not checkpoints:
+        raise SystemExit(f"error: {run_dir}/checkpoints has no step_*.pt (train with CHECKPOINT_EVERY=K)")
+    device = torch.device("cpu")
+    val = trainer.load_validation(hp).tokens
+    train_tokens = sum(trainer.load_data_shard(f).numel() for f in trainer.shard_files(hp, "train"))
+    model = trainer.HNet(hp).eval()
+    rows = []
+    for path in checkpoints:
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        c = boundaries.collect(model, hp, val, device, tokens)
+        b = boundaries.mask_stats(c.mask, boundaries.targets(hp, c.tokens), not hp.uses_sentencepiece)
+        rows.append({"step": state["step"], "epochs": state["step"] * hp.train_batch_tokens / train_tokens,
+                     **{k: b[k] for k in ("tokens_per_chunk", "precision", "recall",
+                                          "precision_shift_minus1", "precision_shift_plus1")}})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| step | epochs | bytes/chunk | precision | recall | precision -1 | precision +1 |", "|---" * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['epochs']:.2f} | {r['tokens_per_chunk']:.2f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['precision_shift_minus1']:.3f} | {r['precision_shift_plus1']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--study", type=Path, default=ROOT / "studies" / "02_improved_hnet_byte260_and_sp1024")
+    p.add_argument("--tokens", type=int, default=100_000, help="validation tokens measured per checkpoint")
+    p.add_argument("--out", type=Path, help="default: <run_dir>/trajectory.md")
+    args = p.parse_args(argv)
+    if not (args.run_dir / "train.log").is_file():
+        p.error(f"{args.run_dir}: no train.log (expected a run folder)")
+    text = f"`{args.run_dir}`: the float router's boundaries at each checkpoint\n\n" + table(
+        trajectory(args.run_dir, args.study, args.tokens)) + "\n"
+    out = args.out or args.run_dir / "trajectory.md"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
