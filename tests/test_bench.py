@@ -91,3 +91,24 @@ def test_router_trajectory_rows_are_each_checkpoints_own_boundaries(sample_byte2
     with pytest.raises(SystemExit) as e:  # a folder that is not a run is refused by name
         trajectory.main([str(tmp_path)])
     assert e.value.code == 2 and "no train.log" in capsys.readouterr().err
+
+
+def test_first_step_all_column_is_the_trainers_first_step(sample_byte260, tmp_path):
+    import torch
+
+    from conftest import TINY_ENV, run_tiny, study02
+
+    t = study02()
+    run, _ = run_tiny(t, sample_byte260, tmp_path / "run", ITERATIONS="1", GPTQ_CALIB_BATCHES="0",
+                      EVAL_SLIDING="0", EXPORT_FORMATS="int8", OUTER_LR_MULT="2")
+    first_step = load_module("bench/first_step.py")
+    row = first_step.first_step(t, {**TINY_ENV, "DATA_PATH": str(sample_byte260), "ITERATIONS": "1",
+                                    "OUTER_LR_MULT": "2"})
+    model = t.HNet(run.hp)
+    model.load_state_dict(torch.load(tmp_path / "run" / "final_model.pt", weights_only=True))
+    loader = t.DistributedTokenLoader(run.hp, t.Runtime(torch.device("cpu")))
+    batches = [loader.next_batch() for _ in range(8)]
+    assert row["all"] == first_step.boundary_fraction(model, batches)  # the same update as the trainer's
+    torch.manual_seed(run.hp.seed)
+    assert row["init"] == first_step.boundary_fraction(t.HNet(run.hp), batches)
+    assert len({row[g] for g in first_step.GROUPS}) == 3  # each optimiser's step alone is its own
