@@ -3,8 +3,9 @@
     python bench/minigolf.py                       # 150 s per model on the sample, seed 1337
     python bench/minigolf.py --seconds 300 --seeds 1337,1,2
     python bench/minigolf.py --models byte260_hnet,byte260_gpt --seconds 20 MODEL_DIM=32   # quick look
-    python bench/minigolf.py --docs data/sotu_full/sotu_1790_2021.jsonl.xz   # every address 1790-2021:
-                                   # 5x the training text, the same validation speeches (2015-2021)
+    python bench/minigolf.py --docs data/sotu_full/sotu_1790_2021_shuf1.jsonl.xz   # every address
+        # 1790-2021, training order shuffled (data/sample/make_sample.py --first-year 1790
+        # --shuffle-train 1): 5x the training text, the same validation speeches (2015-2021)
 
 Trains and scores, through study 02's trainer and its `cpu_demo` run in runs.json (the demo's
 8 x 128 model, sequence 512, 4,096 tokens a step): the byte260 H-Net, the byte260 GPT
