@@ -66,15 +66,20 @@ def test_hessians_under_bf16_autocast_are_fp32_and_positive_definite(precision_r
     assert torch.allclose(sums["k"], xf.T @ xf, atol=1e-4)
 
 
-def test_compiled_hnet_is_one_graph_for_training_one_for_eval_and_none_for_late_qat():
-    t = study02()
-    hp = tiny_hparams(t)
+def compiled_tiny(t, **overrides):
+    """(hp, model, its fullgraph aot_eager compile, a graph counter, a batch) at the tiny size."""
+    hp = tiny_hparams(t, **overrides)
     torch.manual_seed(0)
     model = t.HNet(hp)
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
-    x = torch.randint(4, 260, (2, hp.train_seq_len))
+    return hp, model, compiled, counter, torch.randint(4, 260, (2, hp.train_seq_len))
+
+
+def test_compiled_hnet_is_one_graph_for_training_one_for_eval_and_none_for_late_qat():
+    t = study02()
+    hp, model, compiled, counter, x = compiled_tiny(t)
     for qat in (False, False, True, True):
         if qat:
             t.refresh_qat(model, True, True)  # late QAT switches on: new buffer values, same graph
@@ -95,13 +100,7 @@ def test_compiled_ratio_target_ramp_is_one_graph_and_matches_eager():
     # RATIO_TARGET_STEPS: the ratio loss's N is a buffer the loop fills each step; a compiled
     # model must read the new value without recompiling (a Python float would be baked in)
     t = study02()
-    hp = tiny_hparams(t, RATIO_TARGET_START="2", RATIO_TARGET_STEPS="10")
-    torch.manual_seed(0)
-    model = t.HNet(hp)
-    counter = CompileCounterWithBackend("aot_eager")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
-    x = torch.randint(4, 260, (2, hp.train_seq_len))
+    hp, model, compiled, counter, x = compiled_tiny(t, RATIO_TARGET_START="2", RATIO_TARGET_STEPS="10")
     ratios = []
     for step in (0, 5, 10):
         model.ratio_target.fill_(t.ratio_target(hp, step))
