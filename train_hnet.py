@@ -100,6 +100,13 @@ def export_corpus(docs: Path, spec: str = "byte260", root: Path | None = None) -
     return {"DATA_PATH": str(dataset), "TOKENIZER_PATH": str(tokenizer), "VOCAB_SIZE": "260" if spec == "byte260" else "1024"}
 
 
+def train_tokens(data_path: str | Path) -> int:
+    """Tokens in a dataset's training split, from its shard headers (the bench/ tables' epochs)."""
+    import numpy as np
+
+    return sum(int(np.fromfile(f, dtype="<i4", count=3)[2]) for f in sorted(Path(data_path).glob("fineweb_train_*.bin")))
+
+
 def ensure_sample_export() -> None:
     """The embedded corpus as byte260 shards, exported the first time the demo runs."""
     export_corpus(SAMPLE_DOCS, "byte260", SAMPLE_EXPORT)

@@ -25,10 +25,17 @@ GROUPS = ("embedding (Adam)", "matrices (Muon)", "scalars (Adam)")
 
 
 def boundary_fraction(model, batches) -> float:
+    """The fraction of positions the model's own forward marks as chunk starts (read from its router)."""
     import torch
 
-    with torch.no_grad():
-        masks = [model.routing(model.encoder(model.tok_emb(x))).boundary_mask.float() for x, _ in batches]
+    masks = []
+    hook = model.routing.register_forward_hook(lambda m, i, out: masks.append(out.boundary_mask.float()))
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                model(x, y)
+    finally:
+        hook.remove()
     return torch.cat(masks).mean().item()
 
 

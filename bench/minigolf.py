@@ -46,13 +46,6 @@ MODELS = {
 }
 
 
-def train_tokens(data_path: str) -> int:
-    """Tokens in the training split, from its shard headers."""
-    import numpy as np
-
-    return sum(int(np.fromfile(f, dtype="<i4", count=3)[2]) for f in sorted(Path(data_path).glob("fineweb_train_*.bin")))
-
-
 def spread(values: list[float], fmt: str) -> str:
     if len(values) == 1:
         return fmt.format(values[0])
@@ -105,7 +98,7 @@ def main(argv=None) -> int:
             if str(train_hnet.SAMPLE_EXPORT) in env["DATA_PATH"]:  # the sample, exported on first use
                 train_hnet.export_corpus(train_hnet.SAMPLE_DOCS, "byte260" if "byte260" in env["DATA_PATH"] else "sp1024",
                                          train_hnet.SAMPLE_EXPORT)
-            one_epoch = train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
+            one_epoch = train_hnet.train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
             env["ITERATIONS"] = str(min(int(env["ITERATIONS"]), one_epoch))
             out = work / f"{name}_seed{seed}"
             print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {one_epoch} steps (one epoch)", flush=True)

@@ -2,8 +2,8 @@
 
     python bench/router_trajectory.py runs/<run>          # a run trained with CHECKPOINT_EVERY=K
 
-Reads the run's train.log header for its trainer and config, loads each checkpoints/step_*.pt
-into the model and measures the boundaries (boundaries.py, float weights) on the first
+Rebuilds the model from the config its checkpoints carry, loads each checkpoints/step_*.pt into
+it and measures the boundaries (boundaries.py, float weights) on the first
 --tokens validation tokens. Prints one markdown table: step, epochs of the training split read,
 bytes per chunk, word-start precision and recall, precision one byte before and after. Writes it
 to <run>/trajectory.md (or --out).
@@ -19,40 +19,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import boundaries  # noqa: E402
 import eval_bpb  # noqa: E402
-
-
-def config_of(run_dir: Path, trainer) -> dict:
-    """The resolved `key:value` lines the trainer prints after its own source in train.log."""
-    text = (run_dir / "train.log").read_text(encoding="utf-8")
-    fields = set(trainer.Hyperparameters.__dataclass_fields__)
-    env = {}
-    for line in text.split("=" * 100, 1)[-1].splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key in fields and key not in env:
-            env[key.upper()] = value
-    return env
+import train_hnet  # noqa: E402
 
 
 def trajectory(run_dir: Path, study: Path, tokens: int) -> list[dict]:
     import torch
 
     trainer = eval_bpb.import_file(study / "train_gpt.py")
-    hp, _ = trainer.Hyperparameters.from_env(config_of(run_dir, trainer))
-    if not hp.is_hnet:
-        raise SystemExit(f"error: {run_dir} trained a plain GPT (OUTER_LAYERS=0): it has no router")
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
     if not checkpoints:
         raise SystemExit(f"error: {run_dir}/checkpoints has no step_*.pt (train with CHECKPOINT_EVERY=K)")
     device = torch.device("cpu")
-    val = trainer.load_validation(hp).tokens
-    train_tokens = sum(trainer.load_data_shard(f).numel() for f in trainer.shard_files(hp, "train"))
-    model = trainer.HNet(hp).eval()
+    config = torch.load(checkpoints[0], map_location=device, weights_only=False)["config"]  # the run's resolved config
+    names = set(trainer.Hyperparameters.__dataclass_fields__)
+    hp = trainer.Hyperparameters(**{k: v for k, v in config.items() if k in names})
+    if not hp.is_hnet:
+        raise SystemExit(f"error: {run_dir} trained a plain GPT (OUTER_LAYERS=0): it has no router")
+    model, val, train_tokens = trainer.HNet(hp).eval(), trainer.load_validation(hp).tokens, train_hnet.train_tokens(hp.data_path)
     rows = []
     for path in checkpoints:
         state = torch.load(path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
-        c = boundaries.collect(model, hp, val, device, tokens)
-        b = boundaries.mask_stats(c.mask, boundaries.targets(hp, c.tokens), not hp.uses_sentencepiece)
+        b = boundaries.analyse(trainer, model, hp, val, device, tokens, shifts=0)
         rows.append({"step": state["step"], "epochs": state["step"] * hp.train_batch_tokens / train_tokens,
                      **{k: b[k] for k in ("tokens_per_chunk", "precision", "recall",
                                           "precision_shift_minus1", "precision_shift_plus1")}})
