@@ -52,6 +52,13 @@ def run_tiny(t, data_dir: Path, out_dir: Path, **overrides):
     return t.run_training(hp)
 
 
+def final_state(run_dir: Path) -> dict:
+    """A run's float final_model.pt (the weights before export)."""
+    import torch
+
+    return torch.load(run_dir / "final_model.pt", map_location="cpu")
+
+
 SAMPLE = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
 
 

@@ -96,7 +96,7 @@ def test_router_trajectory_rows_are_each_checkpoints_own_boundaries(sample_byte2
 def test_first_step_all_column_is_the_trainers_first_step(sample_byte260, tmp_path):
     import torch
 
-    from conftest import TINY_ENV, run_tiny, study02
+    from conftest import TINY_ENV, final_state, run_tiny, study02
 
     t = study02()
     run, _ = run_tiny(t, sample_byte260, tmp_path / "run", ITERATIONS="1", GPTQ_CALIB_BATCHES="0",
@@ -105,7 +105,7 @@ def test_first_step_all_column_is_the_trainers_first_step(sample_byte260, tmp_pa
     row = first_step.first_step(t, {**TINY_ENV, "DATA_PATH": str(sample_byte260), "ITERATIONS": "1",
                                     "OUTER_LR_MULT": "2"})
     model = t.HNet(run.hp)
-    model.load_state_dict(torch.load(tmp_path / "run" / "final_model.pt", weights_only=True))
+    model.load_state_dict(final_state(tmp_path / "run"))
     loader = t.DistributedTokenLoader(run.hp, t.Runtime(torch.device("cpu")))
     batches = [loader.next_batch() for _ in range(8)]
     assert row["all"] == first_step.boundary_fraction(model, batches)  # the same update as the trainer's

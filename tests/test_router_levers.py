@@ -5,13 +5,9 @@ import re
 
 import torch
 
-from conftest import ROOT, run_tiny, study02, tiny_hparams
+from conftest import ROOT, final_state, run_tiny, study02, tiny_hparams
 
 LEVERS = ("RATIO_TARGET_START", "RATIO_TARGET_STEPS", "OUTER_LR_MULT", "GRAD_ACCUM_STEPS", "LR_WARMUP_STEPS")
-
-
-def final_state(run_dir):
-    return torch.load(run_dir / "final_model.pt", map_location="cpu")
 
 
 def train_losses(run_dir):

@@ -9,11 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLE, TINY_ENV, export_docs, run_tiny, study02, tiny_hparams, write_shard
-
-
-def final_state(run_dir):
-    return torch.load(run_dir / "final_model.pt", map_location="cpu")
+from conftest import ROOT, SAMPLE, TINY_ENV, export_docs, final_state, run_tiny, study02, tiny_hparams, write_shard
 
 
 def train_losses(run_dir):
