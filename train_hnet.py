@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import boundaries
@@ -132,6 +133,12 @@ def run_in_process(study: Path, env: dict, demo: bool) -> int:
     if demo:
         print_demo_summary(trainer, run, metrics, time.time() - t0)
     return 4 if metrics["over_cap"] else 0
+
+
+def unique_stamp() -> str:
+    """A time stamp for a folder of runs, with a random suffix: two sweeps started in the same
+    second (two harnesses side by side) must never share run folders and overwrite each other."""
+    return time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
 
 
 def measure(study: Path, env: dict) -> dict:
@@ -262,7 +269,7 @@ def print_estimate(e: dict, cap: int, published: dict | None) -> None:
 def run_seeds(study: Path, run: str, env: dict, nproc: int, seeds: list[int], cmd: list[str]) -> int:
     """Run the same configuration once per seed, one after another; then the per-seed table and
     mean and sample std of the headline BPB, as the studies report them."""
-    rows, stamp = [], time.strftime("%Y%m%d_%H%M%S")
+    rows, stamp = [], unique_stamp()
     for seed in seeds:
         run_id = f"{run}_seed{seed}_{stamp}"
         out = Path(env["OUTPUT_DIR"]) / run_id if env.get("OUTPUT_DIR") else ROOT / "runs" / run_id

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
         train_hnet.ensure_sample_export()
     logs = args.logs or study / "logs" / "fidelity"
     logs.mkdir(parents=True, exist_ok=True)
-    work = ROOT / "runs" / f"fidelity_{args.study}_{time.strftime('%Y%m%d_%H%M%S')}"
+    work = ROOT / "runs" / f"fidelity_{args.study}_{train_hnet.unique_stamp()}"
     rows = []
 
     def record(name: str, label: str, extra: dict) -> Path:

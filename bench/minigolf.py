@@ -28,7 +28,6 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     study = train_hnet.study_dir("02")
     args.logs.mkdir(parents=True, exist_ok=True)
-    work = ROOT / "runs" / f"minigolf_{time.strftime('%Y%m%d_%H%M%S')}"
+    work = ROOT / "runs" / f"minigolf_{train_hnet.unique_stamp()}"
     results = {}
     for name in models:
         for seed in seeds:

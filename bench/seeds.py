@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         train_hnet.ensure_sample_export()
     logs = args.logs or ROOT / "bench" / "logs" / f"seeds_{time.strftime('%Y%m%d_%H%M%S')}"
     logs.mkdir(parents=True, exist_ok=True)
-    work = ROOT / "runs" / f"seeds_{time.strftime('%Y%m%d_%H%M%S')}"
+    work = ROOT / "runs" / f"seeds_{train_hnet.unique_stamp()}"
     rows = []
     for seed in seeds:
         out = work / f"seed{seed}"

@@ -65,6 +65,30 @@ def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, 
     assert rows[0]["roundtrip"] != rows[1]["roundtrip"]  # the seed reached the trainer
 
 
+def test_two_seed_sweeps_started_in_the_same_second_never_share_run_folders(sample_byte260, tmp_path, monkeypatch):
+    # Two sweeps launched side by side once wrote into one runs/seeds_<second>/seedN and read each
+    # other's artifacts. Here the clock is frozen, so only a unique folder name keeps them apart.
+    seeds = load_module("bench/seeds.py")
+    train_hnet = seeds.train_hnet
+    monkeypatch.setattr(seeds, "ROOT", tmp_path)
+    monkeypatch.setattr(train_hnet.time, "strftime", lambda fmt, *a: "20260101_000000")
+    outputs = []
+
+    def fake_measure(study, env):
+        out = Path(env["OUTPUT_DIR"])
+        assert not out.exists(), f"{out} is already another sweep's run folder"
+        out.mkdir(parents=True)
+        (out / "train.log").write_text("log\n")
+        outputs.append(out)
+        stats = {k: 0.5 for k, _ in seeds.COLUMNS[2:]}
+        return {"steps": 1, "roundtrip": 2.0, "run_dir": str(out), "boundaries": stats}
+    monkeypatch.setattr(train_hnet, "measure", fake_measure)
+    for name in ("a", "b"):
+        assert seeds.main(["--seeds", "5", "--logs", str(tmp_path / name), f"DATA_PATH={sample_byte260}"]) == 0
+    assert len(outputs) == 2 and outputs[0] != outputs[1]
+    assert len({train_hnet.unique_stamp() for _ in range(20)}) == 20
+
+
 def test_router_trajectory_rows_are_each_checkpoints_own_boundaries(sample_byte260, tmp_path, capsys):
     import torch
 
