@@ -43,6 +43,8 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert rows["byte260_gpt"][-1].strip(" |") == "-"  # a GPT has no chunks
     assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", rows["byte260_hnet"][10])
     assert (logs / "byte260_gpt_seed2.log").is_file()
+    # the demo's step-counted LR warmup is off for every model, so no model's budget is mostly warmup
+    assert "lr_warmup_steps:0" in (logs / "byte260_hnet_seed1.log").read_text().splitlines()
 
 
 def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, capsys):
