@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent
 STUDIES = ROOT / "studies"
 SAMPLE_DOCS = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
 SAMPLE_EXPORT = ROOT / "data" / "sample_export"
+EXPORTER = ROOT / "data" / "download_hf_docs_and_tokenize.py"  # the shard writer and checker
 # Overrides with these prefixes are for torch, NCCL or the OpenMP runtime, not the trainer: they
 # pass through unchecked. Every other KEY must be a field of the trainer's Hyperparameters.
 PASSTHROUGH_PREFIXES = ("TORCH_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "PYTORCH_", "NCCL_", "GLOO_", "CUDA_",
@@ -91,7 +92,7 @@ def export_corpus(docs: Path, spec: str = "byte260", root: Path | None = None) -
     tokenizer = root / "tokenizers" / ("fineweb_pure_byte_260.json" if spec == "byte260" else "fineweb_1024_bpe.model")
     manifest = root / "manifest.json"
     if not (manifest.is_file() and any(d["name"] == dataset.name for d in json.loads(manifest.read_text())["datasets"])):
-        exporter = eval_bpb.import_file(ROOT / "data" / "download_hf_docs_and_tokenize.py")
+        exporter = eval_bpb.import_file(EXPORTER)
         t0 = time.time()
         code = exporter.main(["--docs", str(docs), "--output-root", str(root),
                               "--tokenizer-config", str(ROOT / "data" / f"tokenizer_specs_{spec}.json")])
@@ -102,10 +103,10 @@ def export_corpus(docs: Path, spec: str = "byte260", root: Path | None = None) -
 
 
 def train_tokens(data_path: str | Path) -> int:
-    """Tokens in a dataset's training split, from its shard headers (the bench/ tables' epochs)."""
-    import numpy as np
-
-    return sum(int(np.fromfile(f, dtype="<i4", count=3)[2]) for f in sorted(Path(data_path).glob("fineweb_train_*.bin")))
+    """Tokens in a dataset's training split (the bench/ tables' epochs), counted by the exporter's
+    shard_token_count, which checks each header and file size without reading the tokens."""
+    count = eval_bpb.import_file(EXPORTER).shard_token_count
+    return sum(count(f) for f in sorted(Path(data_path).glob("fineweb_train_*.bin")))
 
 
 def ensure_sample_export() -> None:

@@ -19,7 +19,6 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +73,10 @@ def main(argv=None) -> int:
     env, _ = train_hnet.run_env(study, args.run, overrides)
     if "sample_export" in env["DATA_PATH"]:
         train_hnet.ensure_sample_export()
-    logs = args.logs or ROOT / "bench" / "logs" / f"seeds_{time.strftime('%Y%m%d_%H%M%S')}"
+    stamp = train_hnet.unique_stamp()  # one per sweep: its run folders and default logs share it
+    logs = args.logs or ROOT / "bench" / "logs" / f"seeds_{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
-    work = ROOT / "runs" / f"seeds_{train_hnet.unique_stamp()}"
+    work = ROOT / "runs" / f"seeds_{stamp}"
     rows = []
     for seed in seeds:
         out = work / f"seed{seed}"

@@ -88,6 +88,9 @@ def test_two_seed_sweeps_started_in_the_same_second_never_share_run_folders(samp
     for name in ("a", "b"):
         assert seeds.main(["--seeds", "5", "--logs", str(tmp_path / name), f"DATA_PATH={sample_byte260}"]) == 0
     assert len(outputs) == 2 and outputs[0] != outputs[1]
+    for _ in range(2):  # without --logs, each sweep's default table folder is its own too
+        assert seeds.main(["--seeds", "5", f"DATA_PATH={sample_byte260}"]) == 0
+    assert len(list((tmp_path / "bench" / "logs").glob("seeds_*/table.md"))) == 2
     assert len({train_hnet.unique_stamp() for _ in range(20)}) == 20
 
 
