@@ -10,6 +10,8 @@ both studies' trainers and for byte260 and SentencePiece models alike. Conventio
 - A byte260 word start is a non-whitespace byte after whitespace (or at the start of a text);
   "on the space" puts the boundary on that whitespace byte instead. A SentencePiece word start
   is a piece with a leading "▁" (the space is inside the piece, so both conventions coincide).
+- A token's bytes and which ids are control tokens are the trainer's own (build_byte_luts and
+  target_bytes, the BPB denominator), so eval_bpb prints one byte count for an artifact.
 - The first position of every window is a forced boundary (p_0 = 1) and is never counted.
 - Chunk lengths leave out each window's first and last chunk (cut by the window's edges).
 """
@@ -19,10 +21,11 @@ from __future__ import annotations
 import codecs
 import functools
 import html
-import os
 from typing import NamedTuple
 
 import torch
+
+from harness import files
 
 WHITESPACE = b" \t\n\r\f\v"
 HIST_BINS = 16  # chunk lengths 1..15 and one bin for 16 or more
@@ -38,7 +41,7 @@ def sentencepiece_pieces(model_file: str) -> tuple[str, ...]:
 
 
 def token_texts(hp, tokens) -> list[bytes]:
-    """The UTF-8 bytes each token stands for (control ids: none; "▁" shown as a space)."""
+    """The UTF-8 bytes each token stands for, for display (control ids: none; "▁" shown as a space)."""
     if hp.uses_sentencepiece:
         vocab = sentencepiece_pieces(hp.tokenizer_path)
         out = []
@@ -61,22 +64,31 @@ class Targets(NamedTuple):
     unit_bytes: torch.Tensor  # (..., L) int64: UTF-8 bytes the token stands for
 
 
-def targets(hp, tokens: torch.Tensor) -> Targets:
+@functools.lru_cache(maxsize=8)
+def byte_luts(trainer, tokenizer_path: str, vocab_size: int):
+    """The trainer's own byte-count tables (one definition of a token's bytes and of control ids)."""
+    hp = trainer.Hyperparameters(tokenizer_path=tokenizer_path, vocab_size=vocab_size)
+    return trainer.build_byte_luts(hp, torch.device("cpu"))
+
+
+def targets(trainer, hp, tokens: torch.Tensor) -> Targets:
     """Word starts under both conventions, for a (R, L) or (L,) tensor of token ids. Each row is
-    read on its own: a row's first token counts as following whitespace."""
+    read on its own: a row's first token counts as following whitespace (and, for its bytes, a
+    control token). Byte counts and control ids are the trainer's (its BPB denominator)."""
+    luts = byte_luts(trainer, hp.tokenizer_path, hp.vocab_size)
+    prev = torch.cat((torch.ones_like(tokens[..., :1]), tokens[..., :-1]), dim=-1)  # id 1 is BOS
+    unit_bytes = trainer.target_bytes(luts, prev, tokens)
+    counted = ~luts.is_control[tokens]
     if hp.uses_sentencepiece:
-        vocab = sentencepiece_pieces(hp.tokenizer_path)
-        lead = torch.tensor([p.startswith("\u2581") and len(p) > 1 for p in vocab])
-        control = torch.tensor([p.startswith("<") and p.endswith(">") and not p.startswith("<0x") for p in vocab])
-        nbytes = torch.tensor([len(b) for b in token_texts(hp, torch.arange(len(vocab)))])
-        return Targets(lead[tokens], lead[tokens], ~control[tokens], nbytes[tokens])
+        lead = luts.has_leading_space[tokens] & (luts.base_bytes[tokens] > 0)  # "▁word", not a bare "▁"
+        return Targets(lead, lead, counted, unit_bytes)
     space = torch.zeros(hp.vocab_size, dtype=torch.bool)
     space[[b + 4 for b in WHITESPACE]] = True
-    is_space, is_byte = space[tokens], tokens >= 4
-    prev_space = torch.cat((torch.ones_like(is_space[..., :1]), is_space[..., :-1] | ~is_byte[..., :-1]), dim=-1)
-    start = is_byte & ~is_space & prev_space
+    is_space = space[tokens]
+    prev_space = torch.cat((torch.ones_like(is_space[..., :1]), is_space[..., :-1] | ~counted[..., :-1]), dim=-1)
+    start = counted & ~is_space & prev_space
     on_space = is_space & torch.cat((start[..., 1:], torch.zeros_like(start[..., :1])), dim=-1)
-    return Targets(start, on_space, is_byte, is_byte.long())
+    return Targets(start, on_space, counted, unit_bytes)
 
 
 def chunk_lengths(mask: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
@@ -191,7 +203,7 @@ def analyse(trainer, model, hp, val_tokens, device, max_tokens: int = 200_000, s
     """Every statistic of the module docstring for one model over the first max_tokens of validation.
     compare_model (e.g. the float model of a quantised one): boundary flips between the two."""
     c = collect(model, hp, val_tokens, device, max_tokens)
-    t = targets(hp, c.tokens)
+    t = targets(trainer, hp, c.tokens)
     report = mask_stats(c.mask, t, not hp.uses_sentencepiece)
     report.update(surprise_stats(c, t))
     if hasattr(hp, "chunk_divisor"):  # study 02's fixed cap; study 01 has none to truncate
@@ -309,7 +321,4 @@ def write_html(path, views: list, reports: list) -> None:
             f"<style>{PAGE_STYLE}</style></head><body><h1>Where the router cuts</h1>"
             f"<p>Each shaded span is one chunk; hover a character for its boundary probability.</p>"
             f'<div class="cols">{"".join(cols)}</div></body></html>\n')
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    files.write_atomic(path, page)

@@ -7,8 +7,10 @@
 The artifact records the study trainer that made it (study folder, file, sha256), its whole
 config, and fingerprints of its tokenizer and validation split. This script imports that
 trainer from this repository's studies/ (never a path taken from the artifact; --trainer names
-another file you trust) and reuses its model, loader, dequantiser and BPB code, so the number
-it prints is computed exactly as the trainer's own final line. Exit codes: 0 ok, 2 bad input
+another file you trust) and reuses its model, loader, dequantiser and BPB code. On CPU the
+number it prints is the trainer's final line to the last digit; on CUDA the trainer scores its
+torch.compile'd model and this script the eager one, so the two agree to float rounding (about
+1e-6 BPB), not bit for bit. Any number of processes may evaluate. Exit codes: 0 ok, 2 bad input
 (corrupt artifact, tokenizer or validation data not the artifact's), 3 trainer changed since
 the artifact was made, 4 artifact over the size cap, 5 a loss that is not finite.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -27,45 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import boundaries  # noqa: E402  (the analysis lives in its own module)
+from harness import files  # noqa: E402
+from harness.modules import import_file  # noqa: E402
 
-
-def import_file(path: str | Path):
-    """Import a repository file by path: trainers and data scripts are self-contained files, not a package."""
-    path = Path(path).resolve()
-    name = "trainer_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def read_payload(artifact: Path) -> dict:
-    """Decompress (zstd or zlib, told by the magic bytes; both check their content checksum) and
-    unpickle tensors and plain data only: how we learn which trainer made the artifact. The
-    trainer's verify_payload then checks the tensors against their stored digest."""
-    import io
-    import zlib
-
-    import torch
-    import zstandard
-
-    if artifact.is_dir():
-        raise ValueError(f"{artifact}: is a directory; pass the artifact file, e.g. {artifact}/final_model.int6.ptz")
-    if not artifact.is_file():
-        raise ValueError(f"{artifact}: no such artifact")
-    blob = artifact.read_bytes()
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == b"\x28\xb5\x2f\xfd" else zlib.decompress(blob)
-        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:
-        hint = " (final_model.pt is the float state dict, not an artifact: pass a .ptz file)" if blob[:2] == b"PK" else ""
-        raise ValueError(f"{artifact}: not a readable artifact (corrupt or truncated?){hint}: {e}") from None
-    if not isinstance(payload, dict) or not {"trainer", "config", "tensors"} <= payload.keys():
-        raise ValueError(f"{artifact}: decompressed, but it is not a trainer's artifact")
-    return payload
+read_payload = files.read_payload
 
 
 def find_trainer(record: dict, override: Path | None) -> Path:
@@ -166,8 +132,9 @@ def evaluate(args) -> tuple[dict, int]:
         print(f"artifact: {args.artifact} ({payload['format']}); trainer {os.path.relpath(trainer_path)} "
               f"(sha256 {sha[:12]})")
         print(size_line(results["size"]), flush=True)  # the verdict comes before the long evaluation
-    rt = trainer.setup_device(hp)
+    rt = trainer.setup_device(hp, train=False)
     val = trainer.load_validation(hp)
+    results["data_warnings"] = val.warnings
     mismatches = data_mismatches(payload.get("data") or {}, val.fingerprint)
     if mismatches and not args.ignore_mismatch:
         raise ValueError("the data does not match the artifact's (pass --ignore-mismatch to score anyway):\n  "
@@ -202,9 +169,9 @@ def analyse_boundaries(args, results: dict, main: tuple) -> None:
         if args.compare.read_bytes()[:2] == b"PK":  # this run's float final_model.pt, or one of its checkpoints
             float_model = trainer.HNet(hp).to(device)
             try:
-                state = torch.load(args.compare, map_location=device, weights_only=False)
+                state = torch.load(args.compare, map_location=device, weights_only=True)
                 float_model.load_state_dict(state["model"] if "model" in state else state)
-            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"--compare {args.compare}: not a state dict or checkpoint of this model: {e}") from None
             models.append((f"{args.compare.name} (float)", trainer, float_model, hp, val_tokens))
         else:
@@ -234,6 +201,8 @@ def size_line(s: dict) -> str:
 
 
 def print_results(r: dict) -> None:
+    for w in r.get("data_warnings", []):
+        print(f"WARNING: {w}")
     for m in r["data_mismatches"]:
         print(f"WARNING: scored with data other than the artifact's: {m}")
     print(f"{'evaluation':<24}{'val_loss':>12}{'val_bpb':>12}{'tokens':>14}{'bytes':>14}")
@@ -291,9 +260,7 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print_results(results)
         if args.json:
-            tmp = args.json.with_name(args.json.name + ".tmp")
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
-            os.replace(tmp, args.json)
+            files.write_atomic(args.json, json.dumps(results, indent=2) + "\n")
         if code == 4:
             print(f"error: {args.artifact} makes the submission {results['size']['total_bytes']:,} bytes, "
                   f"over the {results['size']['cap_bytes']:,}-byte cap", file=sys.stderr)

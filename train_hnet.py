@@ -7,15 +7,14 @@
     python train_hnet.py 02 byte260_10min --seed 7 --nproc 1 --dry-run
 
 A run's environment comes from the study's runs.json; KEY=VALUE arguments override it (change
-one thing, run again). Runs on one process execute in this process, so the demo can show the
-learned chunks afterwards; runs on several processes are handed to torchrun.
+one thing, run again). Every run writes runs/<RUN_ID>/ in this repository unless OUTPUT_DIR says
+otherwise. Runs on one process execute in this process, so the demo can show the learned chunks
+afterwards; runs on several processes are handed to torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import os
 import shlex
@@ -26,100 +25,32 @@ import time
 import uuid
 from pathlib import Path
 
-import boundaries
-import eval_bpb
+from harness import cost, modules, runs
 
-ROOT = Path(__file__).resolve().parent
-STUDIES = ROOT / "studies"
-SAMPLE_DOCS = ROOT / "data" / "sample" / "sotu_1961_2021.jsonl.xz"
-SAMPLE_EXPORT = ROOT / "data" / "sample_export"
-EXPORTER = ROOT / "data" / "download_hf_docs_and_tokenize.py"  # the shard writer and checker
-# Overrides with these prefixes are for torch, NCCL or the OpenMP runtime, not the trainer: they
-# pass through unchecked. Every other KEY must be a field of the trainer's Hyperparameters.
-PASSTHROUGH_PREFIXES = ("TORCH_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "PYTORCH_", "NCCL_", "GLOO_", "CUDA_",
-                        "NVIDIA_", "OMP_", "MKL_", "KMP_", "TRITON_", "HF_")
+ROOT = modules.ROOT
+LABELS = {"int8": "int8 + zlib round trip", "int6": "int6 + zstd round trip"}
 
 
-def study_dir(name: str) -> Path:
-    matches = [d for d in sorted(STUDIES.iterdir()) if d.is_dir() and (d.name == name or d.name.startswith(name + "_"))]
-    if len(matches) != 1:
-        names = ", ".join(d.name for d in sorted(STUDIES.iterdir()) if d.is_dir())
-        raise SystemExit(f"error: study {name!r} matches {len(matches)} of: {names}")
-    return matches[0]
+def with_run_folder(env: dict) -> dict:
+    """RUN_ID and OUTPUT_DIR set here, so the run folder is this repository's runs/<RUN_ID> wherever
+    the command was started (the data paths resolve to the repository too)."""
+    env = dict(env)
+    env.setdefault("RUN_ID", time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
+    env.setdefault("OUTPUT_DIR", str(ROOT / "runs" / env["RUN_ID"]))
+    return env
 
 
-def load_runs(study: Path) -> dict:
-    return json.loads((study / "runs.json").read_text())["runs"]
+def resume_hint(study: Path, run: str, overrides: list[str], path: str) -> str:
+    args = [study.name[:2], run, *(o for o in overrides if not o.startswith("RESUME_FROM=")), f"RESUME_FROM={path}"]
+    return "to continue through this launcher: python train_hnet.py " + " ".join(shlex.quote(a) for a in args)
 
 
-def check_keys(trainer, keys, where: str) -> None:
-    """Every KEY must name a trainer variable (or pass through to torch/NCCL/OpenMP)."""
-    known = [f.name.upper() for f in dataclasses.fields(trainer.Hyperparameters)]
-    for key in keys:
-        if key in known or key.startswith(PASSTHROUGH_PREFIXES):
-            continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        close = close or [k for k in known if key in k][:1]  # SEQ_LEN -> TRAIN_SEQ_LEN
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise SystemExit(f"error: {where}: {key} is not a variable of {trainer.__file__}{hint}")
-
-
-def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
-    runs = load_runs(study)
-    if run not in runs:
-        raise SystemExit(f"error: {study.name}/runs.json has no run {run!r}; runs: {', '.join(runs)}")
-    env = dict(runs[run]["env"])
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isupper():
-            raise SystemExit(f"error: override {item!r} is not KEY=VALUE")
-        env[key] = value
-    trainer = eval_bpb.import_file(study / "train_gpt.py")
-    check_keys(trainer, runs[run]["env"], f"{study.name}/runs.json run {run}")
-    check_keys(trainer, [o.partition("=")[0] for o in overrides], "override")
-    for key, value in env.items():  # paths in runs.json are relative to the repository root
-        if key in ("DATA_PATH", "TOKENIZER_PATH") and value.startswith("./"):
-            env[key] = str(ROOT / value)
-    return env, int(runs[run].get("nproc", 1))
-
-
-def export_corpus(docs: Path, spec: str = "byte260", root: Path | None = None) -> dict:
-    """DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE of a documents file exported with a tokenizer spec
-    (byte260 or sp1024) into root (default data/<name>_export/), exported only the first time: the
-    manifest is written last, so a dataset it lists is complete."""
-    root = root or ROOT / "data" / f"{docs.name.split('.')[0]}_export"
-    dataset = root / "datasets" / f"fineweb10B_{spec}"
-    tokenizer = root / "tokenizers" / ("fineweb_pure_byte_260.json" if spec == "byte260" else "fineweb_1024_bpe.model")
-    manifest = root / "manifest.json"
-    if not (manifest.is_file() and any(d["name"] == dataset.name for d in json.loads(manifest.read_text())["datasets"])):
-        exporter = eval_bpb.import_file(EXPORTER)
-        t0 = time.time()
-        code = exporter.main(["--docs", str(docs), "--output-root", str(root),
-                              "--tokenizer-config", str(ROOT / "data" / f"tokenizer_specs_{spec}.json")])
-        if code:
-            raise SystemExit(f"error: exporting {docs} with {spec} failed (exit {code})")
-        print(f"exported {docs.name} ({spec}) to {root} in {time.time() - t0:.1f}s")
-    return {"DATA_PATH": str(dataset), "TOKENIZER_PATH": str(tokenizer), "VOCAB_SIZE": "260" if spec == "byte260" else "1024"}
-
-
-def train_tokens(data_path: str | Path) -> int:
-    """Tokens in a dataset's training split (the bench/ tables' epochs), counted by the exporter's
-    shard_token_count, which checks each header and file size without reading the tokens."""
-    count = eval_bpb.import_file(EXPORTER).shard_token_count
-    return sum(count(f) for f in sorted(Path(data_path).glob("fineweb_train_*.bin")))
-
-
-def ensure_sample_export() -> None:
-    """The embedded corpus as byte260 shards, exported the first time the demo runs."""
-    export_corpus(SAMPLE_DOCS, "byte260", SAMPLE_EXPORT)
-
-
-def run_in_process(study: Path, env: dict, demo: bool) -> int:
-    trainer = eval_bpb.import_file(study / "train_gpt.py")
+def run_in_process(study: Path, env: dict, demo: bool, how: tuple[str, list[str]] | None = None) -> int:
+    """Train one run here; the demo prints its summary. `how` (run name, overrides) names the run
+    for the resume instructions when it stops."""
+    trainer = modules.trainer_of(study)
     try:
         hp, warnings = trainer.Hyperparameters.from_env({**os.environ, **env})
-        for w in warnings:
-            print(f"WARNING: {w}", file=sys.stderr)
         t0 = time.time()
         run, metrics = trainer.run_training(hp, warnings)
     except trainer.ConfigError as e:
@@ -127,60 +58,54 @@ def run_in_process(study: Path, env: dict, demo: bool) -> int:
         return 2
     except trainer.TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
+        checkpoint = str(e).rpartition("RESUME_FROM=")[2]
+        if how and "RESUME_FROM=" in str(e):
+            print(resume_hint(study, *how, checkpoint), file=sys.stderr)
         return e.exit_code
     except trainer.NonFiniteScore as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        folder = env.get("OUTPUT_DIR", "the run folder")
+        print(f"\nstopped: interrupted after training, during export or evaluation. The trained weights are in "
+              f"{folder}/checkpoints/ (the last step_*.pt); RESUME_FROM=<it> skips straight to the export.",
+              file=sys.stderr)
+        if how:
+            print(resume_hint(study, *how, f"{folder}/checkpoints/step_NNNNNN.pt"), file=sys.stderr)
+        return 130
     if demo:
         print_demo_summary(trainer, run, metrics, time.time() - t0)
     return 4 if metrics["over_cap"] else 0
 
 
-def unique_stamp() -> str:
-    """A time stamp for a folder of runs, with a random suffix: two sweeps started in the same
-    second (two harnesses side by side) must never share run folders and overwrite each other."""
-    return time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
-
-
-def measure(study: Path, env: dict) -> dict:
-    """Train one run in this process and summarise it for the bench/ tables: the trainer's metrics,
-    the round-tripped model's boundary statistics (H-Nets), steps, time and train bytes per second."""
-    trainer = eval_bpb.import_file(study / "train_gpt.py")
-    hp, _ = trainer.Hyperparameters.from_env(env)
-    t0 = time.time()
-    run, metrics = trainer.run_training(hp)
-    final = metrics["headline_format"]
-    # bytes a token stands for, measured on the validation text (a vocabulary mean would count
-    # byte260's four specials as bytes and put its rate ~1.5% low)
-    bytes_per_token = metrics["float"]["bytes"] / metrics["float"]["tokens"]
-    row = {"run_dir": str(run.run_dir), "params": sum(p.numel() for p in run.model.parameters()),
-           "steps": run.step, "seconds": time.time() - t0, "train_ms": run.training_time_ms,
-           "train_tokens_seen": run.step * hp.train_batch_tokens,
-           "train_bytes_per_s": run.step * hp.train_batch_tokens * bytes_per_token / max(run.training_time_ms / 1000, 1e-9),
-           "context_bytes": hp.train_seq_len * metrics["float"]["bytes"] / metrics["float"]["tokens"],
-           "float": metrics["float"]["val_bpb"], "roundtrip": metrics[f"{final}_roundtrip"]["val_bpb"],
-           "roundtrips": {fmt: metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in hp.formats},
-           "format": final, "sliding": metrics.get(f"{final}_sliding", {}).get("val_bpb"),
-           "bytes": metrics["bytes_total"], "boundaries": None}
-    if hp.is_hnet:
-        row["boundaries"] = boundaries.analyse(trainer, run.model, hp, run.val_tokens, run.rt.device, shifts=0)
-    return row
-
-
 def print_demo_summary(trainer, run, metrics: dict, seconds: float) -> None:
+    """What the first command shows a newcomer: every score labelled with what it scores."""
+    import boundaries
+
     hp = run.hp
-    labels = {"int8": "int8+zlib", "int6": "int6+zstd"}
     final = metrics["headline_format"]
+    params = sum(p.numel() for p in run.model.parameters())
+    kind = f"H-Net (outer {hp.outer_layers})" if hp.is_hnet else "GPT"
     print("\n" + "=" * 80)
-    print(f"CPU demo done in {seconds:.0f}s: {run.step} steps, {hp.num_layers}x{hp.model_dim} "
-          f"{'H-Net (outer %d)' % hp.outer_layers if hp.is_hnet else 'GPT'}, "
-          f"{sum(p.numel() for p in run.model.parameters()):,} parameters")
-    print(f"val_bpb  float {metrics['float']['val_bpb']:.4f}"
-          + "".join(f" | {labels[f]} round trip {metrics[f + '_roundtrip']['val_bpb']:.4f}" for f in hp.formats)
-          + (f" | {final} sliding (stride {hp.eval_stride}) {metrics[final + '_sliding']['val_bpb']:.4f}"
-             if final + "_sliding" in metrics else ""))
-    print(f"artifact {metrics['bytes_total']:,} bytes (code {metrics['bytes_code']:,}) of the 16,000,000 cap: "
-          f"{'under' if not metrics['over_cap'] else 'OVER'}")
+    print(f"CPU demo done in {seconds:.0f}s: {run.step} of {hp.iterations} steps, {hp.num_layers}x{hp.model_dim} "
+          f"{kind}, {params:,} parameters")
+    if run.step < hp.iterations:
+        print(f"WARNING: the safety limit MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g} stopped training at "
+              f"step {run.step} of {hp.iterations}: this machine is slower than the ones the README's numbers come "
+              "from, and these numbers are not comparable with them (raise the limit to train every step)")
+    sliding = f"sliding (stride {hp.eval_stride})" if f"{final}_sliding" in metrics else ""
+    scored = metrics["float"]["bytes"]
+    print(f"\nval_bpb ({scored:,} validation bytes)   {'non-overlapping':>16}  {sliding}")
+    print(f"  {'float weights, before export':<32}{metrics['float']['val_bpb']:>16.4f}")
+    for fmt in hp.formats:
+        label = LABELS[fmt] + (" (the score)" if fmt == final else "")
+        row = f"  {label:<32}{metrics[fmt + '_roundtrip']['val_bpb']:>16.4f}"
+        if fmt == final and sliding:
+            row += f"  {metrics[final + '_sliding']['val_bpb']:.4f}"
+        print(row)
+    verdict = "under" if not metrics["over_cap"] else "OVER"
+    print(f"\nartifact {metrics['bytes_total']:,} bytes (code {metrics['bytes_code']:,} + model "
+          f"{metrics['bytes_total'] - metrics['bytes_code']:,}) of the 16,000,000 cap: {verdict}")
     if hp.is_hnet:  # a plain GPT has no router to report on
         report = boundaries.analyse(trainer, run.model, hp, run.val_tokens, run.rt.device, shifts=0)
         print(f"router: {report['tokens_per_chunk']:.2f} bytes per chunk (target {hp.target_avg_chunk_len:g}); "
@@ -192,8 +117,8 @@ def print_demo_summary(trainer, run, metrics: dict, seconds: float) -> None:
 
 
 def list_runs() -> None:
-    for study in sorted(d for d in STUDIES.iterdir() if (d / "runs.json").is_file()):
-        for name, r in load_runs(study).items():
+    for study in sorted(d for d in modules.STUDIES.iterdir() if (d / "runs.json").is_file()):
+        for name, r in modules.load_runs(study).items():
             pub = r.get("published") or {}
             bpb = f"published {pub['val_bpb']:.4f}" if "val_bpb" in pub else "not a published run"
             if "val_bpb_std" in pub:
@@ -208,69 +133,24 @@ COMMANDS_END = "<!-- end of commands -->"
 def readme_commands(study: Path) -> str:
     """The study README's commands block: each run by name, and the plain torchrun it stands for."""
     lines = [COMMANDS_BEGIN, "```bash"]
-    for name, r in load_runs(study).items():
+    for name, r in modules.load_runs(study).items():
         seeds = r.get("seeds")
         pub = r.get("published") or {}
         what = f"published {pub['val_bpb']:.4f}" if "val_bpb" in pub else "not a published run"
         lines.append(f"# {name}: {r.get('nproc', 1)} process(es), {r.get('hardware', '')}, {what}")
-        lines.append(f"python train_hnet.py {study.name[:2]} {name}" + (f" --seeds {','.join(map(str, seeds))}" if seeds else ""))
+        lines.append(f"python train_hnet.py {study.name[:2]} {name}"
+                     + (f" --seeds {','.join(map(str, seeds))}" if seeds else ""))
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in r["env"].items())
-        lines.append(f"# = {env} torchrun --standalone --nproc_per_node={r.get('nproc', 1)} studies/{study.name}/train_gpt.py")
+        lines.append(f"# = {env} torchrun --standalone --nproc_per_node={r.get('nproc', 1)} "
+                     f"studies/{study.name}/train_gpt.py")
     lines += ["```", COMMANDS_END]
     return "\n".join(lines)
-
-
-def estimate_size(trainer, hp) -> dict:
-    """The run's parameter count, fp32 bytes and an estimate of its artifact, without training or
-    data: one matrix of each shape is filled with N(0, 1) weights (so a scale floor does not bind),
-    quantised and compressed in the trainer's final format (round to nearest, no Hessian), and its
-    bytes per element scaled to every matrix of that shape; small tensors count at their stored
-    width. Trained weights compress differently: this is an estimate, labelled as one."""
-    import torch
-
-    with torch.device("meta"):
-        model = trainer.HNet(hp)
-    fmt = hp.formats[-1]
-    shapes, small = {}, 0
-    for name, p in model.state_dict().items():
-        if p.ndim == 2 and p.numel() > hp.keep_float_max_numel:
-            key = (tuple(p.shape), fmt == "int8" or name == "tok_emb.weight")
-            shapes[key] = shapes.get(key, 0) + 1
-        else:
-            small += p.numel() * (4 if any(k in name for k in trainer.CONTROL_NAMES) else 2)
-    g = torch.Generator().manual_seed(0)
-    model_bytes = small
-    for (shape, as_int8), count in shapes.items():
-        w = torch.randn(shape, generator=g)
-        if as_int8:
-            q, scale = trainer.quantize_int8_rows(w, bool(hp.quant_scale_floor))
-        else:
-            q, scale = trainer.quantize_int6_matrix(w, None, hp)
-            trainer.prune_int6({"w": (q, scale)}, hp.prune_pct, bool(hp.prune_nonzero))
-        model_bytes += count * len(trainer.compress({"q": q, "scale": scale}, fmt))
-    params = sum(p.numel() for p in model.parameters())
-    code = len((Path(trainer.__file__)).read_bytes())
-    return {"model_params": params, "float_bytes": 4 * params, "format": fmt, "code_bytes": code,
-            "estimated_model_bytes": model_bytes, "estimated_total_bytes": code + model_bytes}
-
-
-def print_estimate(e: dict, cap: int, published: dict | None) -> None:
-    label = {"int8": "int8 + zlib-9", "int6": "int6 + zstd-22"}[e["format"]]
-    total = e["estimated_total_bytes"]
-    print(f"model_params:{e['model_params']}")
-    print(f"float_bytes:{e['float_bytes']} (fp32 weights)")
-    print(f"estimated_artifact_bytes:{total} ({label}: model ~{e['estimated_model_bytes']:,} + code "
-          f"{e['code_bytes']:,}) = {total / cap:.1%} of the {cap:,}-byte cap"
-          f"{'' if total <= cap else ' (the estimate is over it)'}")
-    print("  an ESTIMATE from Gaussian weights, not a trained model: trained weights are heavier-tailed and "
-          "usually compress a few percent better; the real size is printed after training"
-          + (f"; the published artifact was {published['bytes_total']:,} bytes" if "bytes_total" in (published or {}) else ""))
 
 
 def run_seeds(study: Path, run: str, env: dict, nproc: int, seeds: list[int], cmd: list[str]) -> int:
     """Run the same configuration once per seed, one after another; then the per-seed table and
     mean and sample std of the headline BPB, as the studies report them."""
-    rows, stamp = [], unique_stamp()
+    rows, stamp = [], runs.unique_stamp()
     for seed in seeds:
         run_id = f"{run}_seed{seed}_{stamp}"
         out = Path(env["OUTPUT_DIR"]) / run_id if env.get("OUTPUT_DIR") else ROOT / "runs" / run_id
@@ -310,7 +190,7 @@ def parse_seeds(text: str, published: list) -> list[int]:
     return seeds
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study", nargs="?", help="study folder or its number prefix, e.g. 02 (or --study)")
     p.add_argument("run", nargs="?", help="a run name from the study's runs.json")
@@ -325,36 +205,41 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the command, the parameter count and an artifact size estimate; run nothing")
     args = p.parse_args(argv)
-    if args.list:
-        list_runs()
-        return 0
-    if args.commands:
-        print(readme_commands(study_dir(args.commands)))
-        return 0
     if args.study_opt:  # --study 01 RUN: the positionals shift by one
         args.overrides = [a for a in (args.run,) if a] + args.overrides
         args.study, args.run = args.study_opt, args.study
-    demo = args.study is None
-    if demo or "=" in (args.study or ""):  # bare call, possibly with overrides: the demo
+    args.demo = args.study is None or "=" in args.study
+    if args.demo:  # bare call, possibly with overrides: the demo
         args.overrides = [a for a in (args.study, args.run) if a] + args.overrides
         args.study, args.run = "02", "cpu_demo"
-    if args.run is None:
+    if args.run is None and not (args.list or args.commands):
         p.error("give a run name after the study (see --list)")
-    if "=" in args.run:
+    if args.run and "=" in args.run:
         p.error(f"{args.run!r} stands where a run name goes: give the run first, e.g. "
                 f"train_hnet.py {args.study} <run> {args.run} (see --list)")
     if args.nproc is not None and args.nproc < 1:
         p.error(f"--nproc {args.nproc}: must be at least 1")
+    if args.seed is not None and args.seeds:
+        p.error("give --seed or --seeds, not both")
     if args.seed is not None:
         args.overrides.append(f"SEED={args.seed}")
-    study = study_dir(args.study)
-    env, nproc = run_env(study, args.run, args.overrides)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        list_runs()
+        return 0
+    if args.commands:
+        print(readme_commands(modules.study_dir(args.commands)))
+        return 0
+    study = modules.study_dir(args.study)
+    env, nproc = modules.run_env(study, args.run, args.overrides)
     nproc = args.nproc or nproc
-    spec = load_runs(study)[args.run]  # run_env has checked that it exists
+    spec = modules.load_runs(study)[args.run]  # run_env has checked that it exists
     seeds = parse_seeds(args.seeds, spec.get("seeds")) if args.seeds else None
-    if seeds and args.seed is not None:
-        p.error("give --seed or --seeds, not both")
-    trainer = eval_bpb.import_file(study / "train_gpt.py")
+    trainer = modules.trainer_of(study)
     try:  # the dry run and the launch both validate the whole configuration first
         hp, _ = trainer.Hyperparameters.from_env(env)
     except trainer.ConfigError as e:
@@ -366,14 +251,14 @@ def main(argv=None) -> int:
         for seed in seeds or [None]:
             seed_env = env if seed is None else {**env, "SEED": str(seed)}
             print(" ".join(f"{k}={shlex.quote(v)}" for k, v in seed_env.items()) + " " + " ".join(map(shlex.quote, cmd)))
-        print_estimate(estimate_size(trainer, hp), trainer.SIZE_CAP_BYTES, spec.get("published"))
+        cost.print_estimate(cost.estimate_size(trainer, hp), trainer.SIZE_CAP_BYTES, spec.get("published"))
         return 0
-    if args.run == "cpu_demo" or "sample_export" in env.get("DATA_PATH", ""):
-        ensure_sample_export()
+    runs.ensure_sample_export(env)
     if seeds:
         return run_seeds(study, args.run, env, nproc, seeds, cmd)
+    env = with_run_folder(env)
     if nproc == 1:
-        return run_in_process(study, env, demo=args.run == "cpu_demo")
+        return run_in_process(study, env, demo=args.run == "cpu_demo", how=(args.run, args.overrides))
     os.execvpe(cmd[0], cmd, {**os.environ, **env})
 
 

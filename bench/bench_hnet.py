@@ -1,13 +1,15 @@
-"""Speed of the study-02 H-Net on this machine, printed as tables.
+"""Speed of a study's H-Net on this machine, printed as markdown tables.
 
-    python bench/bench_hnet.py                 # CPU-size models, a minute or two on 2 cores
+    python bench/bench_hnet.py                 # study 02 at the CPU demo's size, a minute or two on 2 cores
+    python bench/bench_hnet.py --out bench/logs/bench_hnet/cpu.md      # the table the README quotes
     python bench/bench_hnet.py --dim 512 --layers 12 --outer 3 --seq 2048 --micro-batch 4   # on a GPU
 
-1. Training throughput: bytes per second of full optimizer steps (forward, backward, Muon +
-   Adam) for the H-Net and for the OUTER_LAYERS=0 GPT of the same width and depth, on the
-   trainer's own model, optimisers and step code, with random byte260 data.
-2. The dechunk EMA at L=2048, C=512: the trainer's log-depth scan against a plain loop over
-   chunks, forward + backward.
+1. Training throughput: bytes per second of full optimizer steps (forward, backward, Muon + Adam,
+   the trainer's own train_step) for the H-Net and for the OUTER_LAYERS=0 GPT of the same width
+   and depth, on random byte260 data. Timed after --warmup untimed steps; the median of --steps.
+2. The dechunk EMA at L=2048, C=512, d=256, batch 8: the trainer's log-depth scan against a plain
+   loop over chunks, forward + backward, and the largest difference between the two.
+Absolute times are a fact about one machine; compare the ratios, measured side by side here.
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import eval_bpb  # noqa: E402
-
-TRAINER = ROOT / "studies" / "02_improved_hnet_byte260_and_sp1024" / "train_gpt.py"
+from harness import files, modules  # noqa: E402
 
 
 class RandomBytes:
@@ -38,25 +38,33 @@ class RandomBytes:
         return ids[:, :-1], ids[:, 1:]
 
 
-def time_training(t, args, outer: int) -> dict:
-    env = {"MODEL_DIM": str(args.dim), "NUM_LAYERS": str(args.layers), "OUTER_LAYERS": str(outer),
-           "NUM_HEADS": str(args.heads), "NUM_KV_HEADS": str(args.kv_heads), "TRAIN_SEQ_LEN": str(args.seq),
-           "TRAIN_BATCH_TOKENS": str(8 * args.micro_batch * args.seq), "MAX_WALLCLOCK_SECONDS": "0"}
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training(t, env: dict, micro_batch: int, steps: int, warmup: int) -> dict:
+    """Median ms of one optimizer step through the trainer's own model, optimisers and train_step."""
     hp, _ = t.Hyperparameters.from_env(env)
     rt = t.setup_device(hp)
     torch.manual_seed(0)
     model = t.HNet(hp).to(rt.device)
-    compiled = torch.compile(model, dynamic=False) if rt.compile else model
-    luts = t.build_byte_luts(hp, rt.device)
-    run = t.Run(hp, rt, t.RunLog(None), Path("."), model, compiled, t.build_optimizers(model, hp, rt),
-                RandomBytes(rt, args.micro_batch, args.seq), torch.zeros(0), luts)
+    compiled = model
+    if getattr(rt, "compile", False):
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=hp.compile_backend)
+    fields = dict(hp=hp, rt=rt, log=lambda *a, **k: None, run_dir=Path("."), model=model,
+                  optimizers=t.build_optimizers(model, hp, rt), loader=RandomBytes(rt, micro_batch, hp.train_seq_len),
+                  val_tokens=torch.zeros(0), luts=t.build_byte_luts(hp, rt.device), data={})
+    if "compiled" in t.Run.__dataclass_fields__:
+        fields["compiled"] = compiled
+    run = t.Run(**fields)
     times = []
-    for i in range(args.warmup + args.steps):
-        rt.sync()
+    for i in range(warmup + steps):
+        synchronize(rt.device)
         t0 = time.perf_counter()
-        t.train_step(run)
-        rt.sync()
-        if i >= args.warmup:
+        t.train_step(run, 1.0, t0)
+        synchronize(rt.device)
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     return {"params": sum(p.numel() for p in model.parameters()), "step_ms": 1000 * step,
@@ -87,20 +95,52 @@ def time_dechunk(t, device, batch=8, length=2048, chunks=512, dim=256, repeats=5
     for name, fn in (("log-depth scan (trainer)", scan), ("python loop over chunks", loop)):
         times = []
         for _ in range(repeats + 1):
+            synchronize(device)
             t0 = time.perf_counter()
             out = fn()
             out.square().mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             times.append(time.perf_counter() - t0)
-        results[name] = 1000 * statistics.median(times[1:])
+        results[name] = 1000 * statistics.median(times[1:])  # the first call warms up
         outputs[name] = out.detach()
     diff = (outputs["log-depth scan (trainer)"] - outputs["python loop over chunks"]).abs().max().item()
     return {"ms": results, "max_abs_diff": diff}
 
 
-def main() -> None:
+def model_env(args, outer: int) -> dict:
+    return {"MODEL_DIM": str(args.dim), "NUM_LAYERS": str(args.layers), "OUTER_LAYERS": str(outer),
+            "NUM_HEADS": str(args.heads), "NUM_KV_HEADS": str(args.kv_heads), "TRAIN_SEQ_LEN": str(args.seq),
+            "TRAIN_BATCH_TOKENS": str(8 * args.micro_batch * args.seq), "MAX_WALLCLOCK_SECONDS": "0",
+            "WARMUP_STEPS": "0"}
+
+
+def report(args) -> str:
+    t = modules.trainer_of(modules.study_dir(args.study))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = {}
+    for label, outer in ((f"H-Net (outer {args.outer})", args.outer), ("GPT (OUTER_LAYERS=0)", 0)):
+        rows[label] = time_training(t, model_env(args, outer), args.micro_batch, args.steps, args.warmup)
+    hnet, gpt = rows.values()
+    d = time_dechunk(t, device, length=args.scan_length, chunks=args.scan_length // 4)
+    lines = [f"`python bench/bench_hnet.py {' '.join(sys.argv[1:]) if args.argv is None else ' '.join(args.argv)}`"
+             f": study {args.study}, torch {torch.__version__}, {device}, {torch.get_num_threads()} threads",
+             "", f"Training throughput: d={args.dim}, {args.layers} layers, seq {args.seq}, "
+             f"{8 * args.micro_batch * args.seq} tokens a step (8 micro-steps), median of {args.steps} steps "
+             f"after {args.warmup}", "",
+             files.markdown_table(["model", "params", "ms/step", "bytes/s"],
+                                  [[k, f"{r['params']:,}", f"{r['step_ms']:.1f}", f"{r['bytes_per_s']:,.0f}"]
+                                   for k, r in rows.items()]),
+             "", f"H-Net / GPT bytes per second: {hnet['bytes_per_s'] / gpt['bytes_per_s']:.2f}x", "",
+             f"Dechunk EMA, batch 8, L={args.scan_length}, C={args.scan_length // 4}, d=256, forward + backward "
+             "(median of 5)", "",
+             files.markdown_table(["implementation", "ms"], [[k, f"{v:.1f}"] for k, v in d["ms"].items()]),
+             "", f"max |scan - loop| = {d['max_abs_diff']:.1e}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="02")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--outer", type=int, default=2)
@@ -110,26 +150,17 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-step (8 micro-steps a step)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args()
-    t = eval_bpb.import_file(TRAINER)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    print(f"\nTraining throughput: d={args.dim}, {args.layers} layers, seq {args.seq}, "
-          f"{8 * args.micro_batch * args.seq} tokens a step, median of {args.steps} steps")
-    print(f"{'model':<28}{'params':>12}{'ms/step':>12}{'bytes/s':>12}")
-    rows = {}
-    for label, outer in ((f"H-Net (outer {args.outer})", args.outer), ("GPT (OUTER_LAYERS=0)", 0)):
-        rows[label] = r = time_training(t, args, outer)
-        print(f"{label:<28}{r['params']:>12,}{r['step_ms']:>12.1f}{r['bytes_per_s']:>12,.0f}")
-    hnet, gpt = rows.values()
-    print(f"H-Net / GPT bytes per second: {hnet['bytes_per_s'] / gpt['bytes_per_s']:.2f}x")
-    d = time_dechunk(t, device)
-    print("\nDechunk EMA, batch 8, L=2048, C=512, d=256, forward + backward (median of 5)")
-    print(f"{'implementation':<28}{'ms':>12}")
-    for name, ms in d["ms"].items():
-        print(f"{name:<28}{ms:>12.1f}")
-    print(f"max |scan - loop| = {d['max_abs_diff']:.1e}")
+    p.add_argument("--scan-length", type=int, default=2048, help="bytes of the dechunk comparison (chunks: 1/4)")
+    p.add_argument("--out", type=Path, help="also write the tables here")
+    args = p.parse_args(argv)
+    args.argv = argv
+    text = report(args)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(args.out, text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,13 +15,12 @@ of training again. Prints one table (markdown) and writes it, with every run's t
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_hnet  # noqa: E402
+from harness import files, modules, runs  # noqa: E402
 
 # Per study: its CPU run, the switches that need training and those that only change the export,
 # each as (variable, value to compare with the base run's).
@@ -40,7 +39,7 @@ SWITCHES = {
 
 def run_once(study: Path, env: dict, out: Path, label: str) -> dict:
     """Train (or re-export) in this process; the row of the table."""
-    r = train_hnet.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
+    r = runs.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
     b = r["boundaries"]
     return {"label": label, "steps": r["steps"], "float": r["float"], **{f"{k}_rt": v for k, v in r["roundtrips"].items()},
             "sliding": r["sliding"], "bytes": r["bytes"], "bytes_per_chunk": b["bytes_per_chunk"],
@@ -51,13 +50,10 @@ def table(rows: list[dict]) -> str:
     formats = [k for k in ("int8_rt", "int6_rt") if any(k in r for r in rows)]
     head = ["run", "steps", "float BPB", *(f"{k[:4]} round trip" for k in formats), "sliding", "artifact bytes",
             "bytes/chunk", "precision", "recall"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"], str(r["steps"]), f"{r['float']:.4f}", *(f"{r[k]:.4f}" for k in formats),
-                 "" if r["sliding"] is None else f"{r['sliding']:.4f}", f"{r['bytes']:,}",
-                 f"{r['bytes_per_chunk']:.2f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [[r["label"], str(r["steps"]), f"{r['float']:.4f}", *(f"{r[k]:.4f}" for k in formats),
+              "" if r["sliding"] is None else f"{r['sliding']:.4f}", f"{r['bytes']:,}",
+              f"{r['bytes_per_chunk']:.2f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"] for r in rows]
+    return files.markdown_table(head, cells)
 
 
 def main(argv=None) -> int:
@@ -69,21 +65,20 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="KEY=VALUE for every run (e.g. a smaller model for a quick check)")
     args = p.parse_intermixed_args(argv)
     spec = SWITCHES[args.study]
-    study = train_hnet.study_dir(args.study)
+    study = modules.study_dir(args.study)
     fixed = ["MAX_WALLCLOCK_SECONDS=0", f"ITERATIONS={args.steps}", *args.overrides]
-    env, _ = train_hnet.run_env(study, spec["run"], fixed)
-    if "sample_export" in env["DATA_PATH"]:
-        train_hnet.ensure_sample_export()
+    env, _ = modules.run_env(study, spec["run"], fixed)
+    runs.ensure_sample_export(env)
     logs = args.logs or study / "logs" / "fidelity"
     logs.mkdir(parents=True, exist_ok=True)
-    work = ROOT / "runs" / f"fidelity_{args.study}_{train_hnet.unique_stamp()}"
+    work = ROOT / "runs" / f"fidelity_{args.study}_{runs.unique_stamp()}"
     rows = []
 
     def record(name: str, label: str, extra: dict) -> Path:
         out = work / name
         print(f"=== {label}", flush=True)
         rows.append(run_once(study, {**env, **extra}, out, label))
-        shutil.copyfile(out / "train.log", logs / f"{name}.log")
+        files.copy_log(out, logs / f"{name}.log")
         return out
     only = set(args.switches.split(",")) if args.switches else None
     unknown = (only or set()) - {k for k, _ in spec["train"] + spec["export"]}
@@ -103,7 +98,7 @@ def main(argv=None) -> int:
                         *(["--switches", args.switches] if args.switches else []), *args.overrides])
     text = (f"{spec['run']} for {args.steps} steps, seed {env.get('SEED', '1337')}, each row one switch flipped; "
             f"BPB and boundaries of the round-tripped model (`{command}`)\n\n" + table(rows) + "\n")
-    (logs / "table.md").write_text(text)
+    files.write_atomic(logs / "table.md", text)
     print("\n" + text)
     return 0
 

@@ -6,8 +6,9 @@
 Builds the run's model (runs.json env plus KEY=VALUE overrides), accumulates the first step's
 gradient over its micro-steps exactly as the trainer does, then applies the step's update from
 one optimiser only (the tied embedding's Adam, Muon's matrices, the scalars' Adam), or from all
-three, each time from the same initial weights, and measures the fraction of positions that are
-chunk boundaries on that step's own batches. At initialisation about half are (p_t near 0.5).
+three, each time from the same initial weights (through the trainer's own train_step, the other
+optimisers' steps made no-ops), and measures the fraction of positions that are chunk
+boundaries on that step's own batches. At initialisation about half are (p_t near 0.5).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import eval_bpb  # noqa: E402
-import train_hnet  # noqa: E402
+from harness import modules, runs  # noqa: E402
 
-GROUPS = ("embedding (Adam)", "matrices (Muon)", "scalars (Adam)")
+GROUPS = ("embedding (Adam)", "matrices (Muon)", "scalars (Adam)")  # the order of build_optimizers
 
 
 def boundary_fraction(model, batches) -> float:
@@ -39,33 +39,53 @@ def boundary_fraction(model, batches) -> float:
     return torch.cat(masks).mean().item()
 
 
+class Recording:
+    """The trainer's loader, keeping the batches it hands out (the step's own batches)."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, []
+
+    def next_batch(self):
+        self.batches.append(self.loader.next_batch())
+        return self.batches[-1]
+
+
+class Frozen:
+    """An optimiser whose step does nothing: the others' updates are applied alone."""
+
+    def __init__(self, opt):
+        self.param_groups = opt.param_groups
+
+    def step(self):
+        pass
+
+
 def first_step(trainer, env: dict) -> dict:
-    """{"init": f, "all": f, <group>: f} boundary fractions after step 1 with those updates applied."""
+    """{"init": f, "all": f, <group>: f} boundary fractions after step 1 (the trainer's own
+    train_step at its step-0 LR) with those optimisers' updates applied, from the same init."""
+    import time
+
     import torch
 
     hp, _ = trainer.Hyperparameters.from_env(env)
-    rt = trainer.Runtime(torch.device("cpu"), grad_accum_steps=hp.grad_accum_steps or 8)
+    rt = trainer.Runtime(torch.device("cpu"), grad_accum_steps=getattr(hp, "grad_accum_steps", 0) or 8)
     out = {}
     for which in ("init", "all", *range(len(GROUPS))):
         torch.manual_seed(hp.seed)
         model = trainer.HNet(hp)
         optimizers = trainer.build_optimizers(model, hp, rt)
-        loader = trainer.DistributedTokenLoader(hp, rt)
-        batches = [loader.next_batch() for _ in range(rt.grad_accum_steps)]
-        model.ratio_target.fill_(trainer.ratio_target(hp, 0))
-        if which != "init":
-            for x, y in batches:  # the trainer's micro-step loss
-                o = model(x, y)
-                ((o.loss.mean() + hp.ratio_loss_weight * o.ratio_loss) / rt.grad_accum_steps).backward()
-            mul = trainer.lr_multiplier(hp, 0, 0.0)  # the trainer's step-0 LR and Muon momentum
-            for group in optimizers[1].param_groups:
-                group["momentum"] = hp.muon_momentum_warmup_start if hp.muon_momentum_warmup_steps > 0 else hp.muon_momentum
-            for i, opt in enumerate(optimizers):
-                if which == "all" or which == i:
-                    for group in opt.param_groups:
-                        group["lr"] = group["base_lr"] * mul
-                    opt.step()
-        out["init" if which == "init" else "all" if which == "all" else GROUPS[which]] = boundary_fraction(model, batches)
+        if which not in ("init", "all"):
+            optimizers = [o if i == which else Frozen(o) for i, o in enumerate(optimizers)]
+        loader = Recording(trainer.DistributedTokenLoader(hp, rt))
+        run = trainer.Run(hp, rt, lambda *a, **k: None, Path("."), model, model, optimizers, loader,
+                          torch.zeros(0), trainer.build_byte_luts(hp, rt.device), {})
+        if which == "init":
+            batches = [loader.next_batch() for _ in range(rt.grad_accum_steps)]
+        else:
+            trainer.train_step(run, trainer.lr_schedule(hp, 0, 0.0).lr, time.perf_counter())
+            batches = loader.batches
+        name = which if which in ("init", "all") else GROUPS[which]
+        out[name] = boundary_fraction(model, batches)
     return out
 
 
@@ -76,11 +96,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1337,1,2")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE")
     args = p.parse_intermixed_args(argv)
-    study = train_hnet.study_dir(args.study)
-    env, _ = train_hnet.run_env(study, args.run, list(args.overrides))
-    if "sample_export" in env["DATA_PATH"]:
-        train_hnet.ensure_sample_export()
-    trainer = eval_bpb.import_file(study / "train_gpt.py")
+    study = modules.study_dir(args.study)
+    env, _ = modules.run_env(study, args.run, list(args.overrides))
+    runs.ensure_sample_export(env)
+    trainer = modules.trainer_of(study)
     columns = ("init", "all", *GROUPS)
     print(f"boundary fraction on the first step's batches ({args.run}{' ' if args.overrides else ''}"
           f"{' '.join(args.overrides)}), after step 1 with only these updates applied\n")

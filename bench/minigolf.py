@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_hnet  # noqa: E402
+from harness import files, modules, runs  # noqa: E402
 
-SAMPLE_SP = train_hnet.SAMPLE_EXPORT / "datasets" / "fineweb10B_sp1024"
-SP_ENV = {"DATA_PATH": str(SAMPLE_SP), "TOKENIZER_PATH": str(train_hnet.SAMPLE_EXPORT / "tokenizers" / "fineweb_1024_bpe.model"),
-          "VOCAB_SIZE": "1024"}
+SAMPLE_SP = runs.SAMPLE_EXPORT / "datasets" / "fineweb10B_sp1024"
+SP_ENV = {"DATA_PATH": str(SAMPLE_SP), "VOCAB_SIZE": "1024",
+          "TOKENIZER_PATH": str(runs.SAMPLE_EXPORT / "tokenizers" / "fineweb_1024_bpe.model")}
 # The demo's LR warmup is counted in steps, so under one wall clock it would take a larger share
 # of the runs that take fewer steps (the sp1024 runs stop at one epoch, 160 steps, inside a
 # 300-step warmup). Off for every model here; an override (LR_WARMUP_STEPS=...) still wins.
@@ -60,7 +59,7 @@ def spread(values: list[float], fmt: str) -> str:
 def table(results: dict) -> str:
     head = ["model", "params", "context bytes", "train bytes/s", "steps", "epochs", "float BPB", "round-trip BPB",
             "artifact bytes", "bytes/chunk", "precision", "recall", "chunk CV"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
     for name, rows in results.items():
         b = [r["boundaries"] for r in rows if r["boundaries"]]
         cells = [name, f"{rows[0]['params']:,}", f"{rows[0]['context_bytes']:.0f}",
@@ -68,9 +67,10 @@ def table(results: dict) -> str:
                  spread([r["epochs"] for r in rows], "{:.2f}"), spread([r["float"] for r in rows], "{:.4f}"),
                  spread([r["roundtrip"] for r in rows], "{:.4f}"), spread([r["bytes"] for r in rows], "{:,.0f}")]
         cells += [spread([x[k] for x in b], f) if b else "-" for k, f in
-                  (("bytes_per_chunk", "{:.2f}"), ("precision", "{:.3f}"), ("recall", "{:.3f}"), ("chunk_bytes_cv", "{:.2f}"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                  (("bytes_per_chunk", "{:.2f}"), ("precision", "{:.3f}"), ("recall", "{:.3f}"),
+                   ("chunk_bytes_cv", "{:.2f}"))]
+        lines.append(cells)
+    return files.markdown_table(head, lines)
 
 
 def main(argv=None) -> int:
@@ -88,36 +88,34 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(MODELS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    study = train_hnet.study_dir("02")
+    study = modules.study_dir("02")
     args.logs.mkdir(parents=True, exist_ok=True)
-    work = ROOT / "runs" / f"minigolf_{train_hnet.unique_stamp()}"
+    work = ROOT / "runs" / f"minigolf_{runs.unique_stamp()}"
     results = {}
     for name in models:
         for seed in seeds:
             # the model's own keys (e.g. OUTER_LAYERS=0 for a GPT) win over overrides given for every model
             keys = dict(MODELS[name])
             if args.docs is not None:
-                keys.update(train_hnet.export_corpus(args.docs, "sp1024" if name.startswith("sp1024") else "byte260"))
-            env, _ = train_hnet.run_env(study, "cpu_demo", [f"MAX_WALLCLOCK_SECONDS={args.seconds:g}", f"SEED={seed}",
-                                                            *FAIR, *args.overrides, *(f"{k}={v}" for k, v in keys.items())])
-            if str(train_hnet.SAMPLE_EXPORT) in env["DATA_PATH"]:  # the sample, exported on first use
-                train_hnet.export_corpus(train_hnet.SAMPLE_DOCS, "byte260" if "byte260" in env["DATA_PATH"] else "sp1024",
-                                         train_hnet.SAMPLE_EXPORT)
-            one_epoch = train_hnet.train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
+                keys.update(runs.export_corpus(args.docs, "sp1024" if name.startswith("sp1024") else "byte260"))
+            env, _ = modules.run_env(study, "cpu_demo", [f"MAX_WALLCLOCK_SECONDS={args.seconds:g}", f"SEED={seed}",
+                                                         *FAIR, *args.overrides, *(f"{k}={v}" for k, v in keys.items())])
+            runs.ensure_sample_export(env)
+            one_epoch = runs.train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
             env["ITERATIONS"] = str(min(int(env["ITERATIONS"]), one_epoch))
             out = work / f"{name}_seed{seed}"
             print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {one_epoch} steps (one epoch)", flush=True)
-            row = train_hnet.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
+            row = runs.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
             row["epochs"] = row["steps"] / max(one_epoch, 1)
             results.setdefault(name, []).append(row)
-            shutil.copyfile(out / "train.log", args.logs / f"{name}_seed{seed}.log")
+            files.copy_log(out, args.logs / f"{name}_seed{seed}.log")
     command = " ".join(["python bench/minigolf.py", f"--seconds {args.seconds:g}", f"--seeds {args.seeds}",
                         *([f"--models {args.models}"] if models != list(MODELS) else []),
                         *([f"--docs {args.docs}"] if args.docs else []), *args.overrides])
     text = (f"`{command}`: mean (min-max) over seeds {args.seeds}; BPB of the validation speeches (2015-2021); "
             "round trip = the int6 GPTQ + zstd artifact read back\n\n" + table(results) + "\n")
-    (args.logs / "table.md").write_text(text)
-    (args.logs / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    files.write_atomic(args.logs / "table.md", text)
+    files.write_atomic(args.logs / "results.json", json.dumps(results, indent=1) + "\n")
     print("\n" + text)
     return 0
 

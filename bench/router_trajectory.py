@@ -18,27 +18,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import boundaries  # noqa: E402
-import eval_bpb  # noqa: E402
-import train_hnet  # noqa: E402
+from harness import files, modules, runs  # noqa: E402
 
 
 def trajectory(run_dir: Path, study: Path, tokens: int) -> list[dict]:
     import torch
 
-    trainer = eval_bpb.import_file(study / "train_gpt.py")
+    trainer = modules.trainer_of(study)
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
     if not checkpoints:
         raise SystemExit(f"error: {run_dir}/checkpoints has no step_*.pt (train with CHECKPOINT_EVERY=K)")
     device = torch.device("cpu")
-    config = torch.load(checkpoints[0], map_location=device, weights_only=False)["config"]  # the run's resolved config
+    config = torch.load(checkpoints[0], map_location=device, weights_only=True)["config"]  # the run's resolved config
     names = set(trainer.Hyperparameters.__dataclass_fields__)
     hp = trainer.Hyperparameters(**{k: v for k, v in config.items() if k in names})
     if not hp.is_hnet:
         raise SystemExit(f"error: {run_dir} trained a plain GPT (OUTER_LAYERS=0): it has no router")
-    model, val, train_tokens = trainer.HNet(hp).eval(), trainer.load_validation(hp).tokens, train_hnet.train_tokens(hp.data_path)
+    model, val, train_tokens = trainer.HNet(hp).eval(), trainer.load_validation(hp).tokens, runs.train_tokens(hp.data_path)
     rows = []
     for path in checkpoints:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         b = boundaries.analyse(trainer, model, hp, val, device, tokens, shifts=0)
         rows.append({"step": state["step"], "epochs": state["step"] * hp.train_batch_tokens / train_tokens,
@@ -48,11 +47,11 @@ def trajectory(run_dir: Path, study: Path, tokens: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| step | epochs | bytes/chunk | precision | recall | precision -1 | precision +1 |", "|---" * 7 + "|"]
-    for r in rows:
-        lines.append(f"| {r['step']} | {r['epochs']:.2f} | {r['tokens_per_chunk']:.2f} | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} | {r['precision_shift_minus1']:.3f} | {r['precision_shift_plus1']:.3f} |")
-    return "\n".join(lines)
+    head = ["step", "epochs", "bytes/chunk", "precision", "recall", "precision -1", "precision +1"]
+    return files.markdown_table(head, [[r["step"], f"{r['epochs']:.2f}", f"{r['tokens_per_chunk']:.2f}",
+                                        f"{r['precision']:.3f}", f"{r['recall']:.3f}",
+                                        f"{r['precision_shift_minus1']:.3f}", f"{r['precision_shift_plus1']:.3f}"]
+                                       for r in rows])
 
 
 def main(argv=None) -> int:
@@ -67,9 +66,7 @@ def main(argv=None) -> int:
     text = f"`{args.run_dir}`: the float router's boundaries at each checkpoint\n\n" + table(
         trajectory(args.run_dir, args.study, args.tokens)) + "\n"
     out = args.out or args.run_dir / "trajectory.md"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    files.write_atomic(out, text)
     print(text)
     return 0
 

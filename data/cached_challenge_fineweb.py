@@ -136,8 +136,15 @@ def download(args) -> tuple[int, int]:
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, destination)
         downloaded += 1
+    # The local manifest is the remote one plus the sha256 of each tokenizer file now on disk, so a
+    # trainer can check that its TOKENIZER_PATH is the tokenizer these shards were made with.
+    for entry in manifest.get("tokenizers", []):
+        name = exporter.tokenizer_file(entry) if isinstance(entry, dict) else None
+        local = local_dir / name if name and not Path(name).is_absolute() else None
+        if local is not None and local.is_file():
+            entry["sha256"] = exporter.file_sha256(local)
     with exporter.atomic_write(local_dir / "manifest.json") as f:
-        f.write(manifest_file.read_bytes())
+        f.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return downloaded, skipped
 
 

@@ -20,6 +20,7 @@ exporter, SentencePiece is trained on training documents only unless
 import argparse
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -89,6 +90,17 @@ def atomic_write(path: Path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """The digest the manifest records for a tokenizer file, so that a trainer can refuse another
+    tokenizer of the same vocabulary size (its byte counts, and so the BPB, would be wrong)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tokenizer_file(entry: dict) -> str | None:
+    """The file of a manifest tokenizer entry that a trainer's TOKENIZER_PATH names."""
+    return entry.get("model_path") or entry.get("path")
 
 
 def write_shard(path, ids) -> None:
@@ -552,6 +564,7 @@ def build_tokenizers(plan: ExportPlan, specs: list[TokenizerSpec]) -> tuple[dict
                                  **train_sentencepiece(lines, spec, plan.output_root)}
             encoders[spec.name] = _sentencepiece_encoder(
                 plan.output_root / spec.files["model_path"], spec)
+        entry["sha256"] = file_sha256(plan.output_root / tokenizer_file(entry))
         entries.append(entry)
     return encoders, entries
 

@@ -7,14 +7,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import eval_bpb  # noqa: E402  (its import_file is how everything imports a trainer by path)
+from harness.modules import import_file  # noqa: E402  (how everything imports a trainer by path)
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
 
 
 def load_module(relpath: str):
     """Import a repository file by path, the way eval_bpb.py does (trainers and data scripts are
     not a package); the same path always gives the same module object."""
-    return eval_bpb.import_file(ROOT / relpath)
+    return import_file(ROOT / relpath)
 
 
 def study02():

@@ -50,7 +50,7 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
 def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, capsys):
     seeds = load_module("bench/seeds.py")
     logs = tmp_path / "logs"
-    assert seeds.main(["--seeds", "5,6", "--seconds", "2", "--logs", str(logs), *TINY, "ITERATIONS=6",
+    assert seeds.main(["--seeds", "5,6", "--steps", "6", "--logs", str(logs), *TINY, "MAX_WALLCLOCK_SECONDS=0",
                        f"DATA_PATH={sample_byte260}"]) == 0
     rows = json.loads((logs / "rows.json").read_text())
     assert [r["seed"] for r in rows] == [5, 6]
@@ -59,21 +59,44 @@ def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, 
         assert sub["roundtrip_val_bpb"] == r["roundtrip"] and sub["seeds"] == [r["seed"]]
     table = (logs / "table.md").read_text()
     assert table in capsys.readouterr().out
-    summary = [c.strip() for c in table.splitlines()[-1].split("|")[2:-1]]
+    summary = [c.strip() for c in table.splitlines()[-3].split("|")[2:-1]]
     for (key, fmt), cell in zip(seeds.COLUMNS, summary):
         values = sorted(r[key] for r in rows)
         median = (values[0] + values[1]) / 2
         assert cell == f"{fmt.format(values[0])} / {fmt.format(median)} / {fmt.format(values[1])}", key
     assert rows[0]["roundtrip"] != rows[1]["roundtrip"]  # the seed reached the trainer
+    n = sum(r["precision"] >= 0.9 and r["recall"] >= 0.9 for r in rows)
+    assert table.splitlines()[-1] == f"aligned (precision and recall >= 0.9): {n} of 2"
+    assert "[trainer source omitted:" in (logs / "seed5.log").read_text()  # the commit holds the source
+
+
+def test_seeds_side_by_side_are_the_same_runs_as_one_after_another(sample_byte260, tmp_path):
+    # --jobs 2 trains each seed in a child process on one core: a fixed-step run is the same run
+    # (up to the float order of one thread against two), and its own, whatever runs beside it
+    seeds = load_module("bench/seeds.py")
+    common = ["--seeds", "5,6", "--steps", "4", *TINY, "MAX_WALLCLOCK_SECONDS=0", f"DATA_PATH={sample_byte260}"]
+    assert seeds.main(["--logs", str(tmp_path / "one"), *common]) == 0
+    assert seeds.main(["--logs", str(tmp_path / "two"), "--jobs", "2", *common]) == 0
+    one, two = (json.loads((tmp_path / d / "rows.json").read_text()) for d in ("one", "two"))
+    assert [r["seed"] for r in two] == [5, 6] and two[0]["run_dir"] != one[0]["run_dir"]
+    for a, b in zip(one, two):
+        assert a["steps"] == b["steps"] == 4
+        assert abs(a["roundtrip"] - b["roundtrip"]) < 1e-4 and a["bytes_per_chunk"] == pytest.approx(b["bytes_per_chunk"], rel=1e-3)
+    assert one[0]["roundtrip"] != one[1]["roundtrip"]
+    log = (tmp_path / "two" / "seed6.log").read_text()
+    assert "seed:6" in log and "world_size:1" in log
+    with pytest.raises(SystemExit, match="cut it short"):  # a run the cap stopped early is not the same run
+        seeds.main(["--logs", str(tmp_path / "cut"), "--jobs", "2", "--seeds", "5,6", "--steps", "100000", *TINY,
+                    "MAX_WALLCLOCK_SECONDS=1", f"DATA_PATH={sample_byte260}"])
 
 
 def test_two_seed_sweeps_started_in_the_same_second_never_share_run_folders(sample_byte260, tmp_path, monkeypatch):
     # Two sweeps launched side by side once wrote into one runs/seeds_<second>/seedN and read each
     # other's artifacts. Here the clock is frozen, so only a unique folder name keeps them apart.
     seeds = load_module("bench/seeds.py")
-    train_hnet = seeds.train_hnet
+    runs = seeds.runs
     monkeypatch.setattr(seeds, "ROOT", tmp_path)
-    monkeypatch.setattr(train_hnet.time, "strftime", lambda fmt, *a: "20260101_000000")
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt, *a: "20260101_000000")
     outputs = []
 
     def fake_measure(study, env):
@@ -84,14 +107,14 @@ def test_two_seed_sweeps_started_in_the_same_second_never_share_run_folders(samp
         outputs.append(out)
         stats = {k: 0.5 for k, _ in seeds.COLUMNS[2:]}
         return {"steps": 1, "roundtrip": 2.0, "run_dir": str(out), "boundaries": stats}
-    monkeypatch.setattr(train_hnet, "measure", fake_measure)
+    monkeypatch.setattr(runs, "measure", fake_measure)
     for name in ("a", "b"):
         assert seeds.main(["--seeds", "5", "--logs", str(tmp_path / name), f"DATA_PATH={sample_byte260}"]) == 0
     assert len(outputs) == 2 and outputs[0] != outputs[1]
     for _ in range(2):  # without --logs, each sweep's default table folder is its own too
         assert seeds.main(["--seeds", "5", f"DATA_PATH={sample_byte260}"]) == 0
     assert len(list((tmp_path / "bench" / "logs").glob("seeds_*/table.md"))) == 2
-    assert len({train_hnet.unique_stamp() for _ in range(20)}) == 20
+    assert len({runs.unique_stamp() for _ in range(20)}) == 20
 
 
 def test_router_trajectory_rows_are_each_checkpoints_own_boundaries(sample_byte260, tmp_path, capsys):
@@ -111,9 +134,9 @@ def test_router_trajectory_rows_are_each_checkpoints_own_boundaries(sample_byte2
     for line, step in zip(body, (2, 4)):  # recompute each row from its checkpoint
         model = t.HNet(run.hp).eval()
         model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / f"step_{step:06d}.pt",
-                                         weights_only=False)["model"])
+                                         weights_only=True)["model"])
         c = boundaries.collect(model, run.hp, run.val_tokens, torch.device("cpu"), 2048)
-        b = boundaries.mask_stats(c.mask, boundaries.targets(run.hp, c.tokens), True)
+        b = boundaries.mask_stats(c.mask, boundaries.targets(t, run.hp, c.tokens), True)
         cells = line.strip("| ").split(" | ")
         assert cells[1] == f"{step * 1024 / train_tokens:.2f}"
         assert cells[2:5] == [f"{b['tokens_per_chunk']:.2f}", f"{b['precision']:.3f}", f"{b['recall']:.3f}"]
@@ -129,10 +152,10 @@ def test_first_step_all_column_is_the_trainers_first_step(sample_byte260, tmp_pa
 
     t = study02()
     run, _ = run_tiny(t, sample_byte260, tmp_path / "run", ITERATIONS="1", GPTQ_CALIB_BATCHES="0",
-                      EVAL_SLIDING="0", EXPORT_FORMATS="int8", OUTER_LR_MULT="2")
+                      EVAL_SLIDING="0", EXPORT_FORMATS="int8", LR_WARMUP_STEPS="3")
     first_step = load_module("bench/first_step.py")
     row = first_step.first_step(t, {**TINY_ENV, "DATA_PATH": str(sample_byte260), "ITERATIONS": "1",
-                                    "OUTER_LR_MULT": "2"})
+                                    "LR_WARMUP_STEPS": "3"})
     model = t.HNet(run.hp)
     model.load_state_dict(final_state(tmp_path / "run"))
     loader = t.DistributedTokenLoader(run.hp, t.Runtime(torch.device("cpu")))
@@ -141,3 +164,26 @@ def test_first_step_all_column_is_the_trainers_first_step(sample_byte260, tmp_pa
     torch.manual_seed(run.hp.seed)
     assert row["init"] == first_step.boundary_fraction(t.HNet(run.hp), batches)
     assert len({row[g] for g in first_step.GROUPS}) == 3  # each optimiser's step alone is its own
+
+
+def test_bench_hnet_times_the_trainers_own_step_and_the_scan_against_a_loop(tmp_path, capsys):
+    bench = load_module("bench/bench_hnet.py")
+    out = tmp_path / "speed.md"
+    assert bench.main(["--dim", "32", "--layers", "4", "--outer", "1", "--heads", "2", "--kv-heads", "1",
+                       "--seq", "64", "--steps", "2", "--warmup", "1", "--scan-length", "256", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    t = load_module("studies/02_improved_hnet_byte260_and_sp1024/train_gpt.py")
+    for label, outer in (("H-Net (outer 1)", "1"), ("GPT (OUTER_LAYERS=0)", "0")):
+        hp, _ = t.Hyperparameters.from_env({"MODEL_DIM": "32", "NUM_LAYERS": "4", "OUTER_LAYERS": outer,
+                                            "NUM_HEADS": "2", "NUM_KV_HEADS": "1"})
+        assert rows[label][1] == f"{sum(p.numel() for p in t.HNet(hp).parameters()):,}"
+        ms, rate = float(rows[label][2]), float(rows[label][3].replace(",", ""))
+        assert rate == pytest.approx(8 * 64 / (ms / 1000), rel=0.01)  # bytes/s is the step's tokens over its time
+    ratio = float(re.search(r"H-Net / GPT bytes per second: (\S+)x", text).group(1))
+    hnet, gpt = (float(rows[k][3].replace(",", "")) for k in ("H-Net (outer 1)", "GPT (OUTER_LAYERS=0)"))
+    assert ratio == pytest.approx(hnet / gpt, abs=0.006)
+    assert float(re.search(r"max \|scan - loop\| = (\S+)", text).group(1)) < 1e-4
+    assert {"log-depth scan (trainer)", "python loop over chunks"} <= set(rows)

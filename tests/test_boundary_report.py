@@ -26,7 +26,7 @@ def mask_at(positions, length=len(TEXT)) -> torch.Tensor:
 
 def test_statistics_of_a_hand_made_mask_equal_a_hand_count():
     hp = tiny_hparams(study02())
-    t = boundaries.targets(hp, row(TEXT))
+    t = boundaries.targets(study02(), hp, row(TEXT))
     assert t.word_start[0].nonzero().flatten().tolist() == [0, 4, 8, 12, 15, 17]
     assert t.on_space[0].nonzero().flatten().tolist() == [3, 7, 11, 14, 16]
     s = boundaries.mask_stats(mask_at([0, 4, 8, 13, 16, 17]), t, byte_level=True)
@@ -67,10 +67,20 @@ def test_sentencepiece_word_starts_and_lengths_in_tokens(tmp_path):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     ids = torch.tensor([sp.encode("the cat sat on the mat")])
-    t = boundaries.targets(hp, ids)
+    t = boundaries.targets(study02(), hp, ids)
     pieces = [sp.id_to_piece(i) for i in ids[0].tolist()]
     assert t.word_start[0].tolist() == [p.startswith("\u2581") and len(p) > 1 for p in pieces]
     assert int(t.unit_bytes.sum()) == len("the cat sat on the mat")  # each "▁" is the space before its word
+    # the trainer's definitions, not boundaries.py's own: a leading "▁" right after BOS is no byte (the
+    # decoder drops it), and an id the tokenizer calls control counts none, whatever its piece looks like
+    luts = study02().build_byte_luts(hp, torch.device("cpu"))
+    with_bos = torch.tensor([[1] + sp.encode("the cat sat")[1:]])  # BOS, then "▁cat"
+    assert sp.id_to_piece(with_bos[0, 1].item()).startswith("\u2581")
+    t2 = boundaries.targets(study02(), hp, with_bos)
+    assert t2.unit_bytes[0].tolist() == study02().target_bytes(luts, with_bos[:, [0] + list(range(with_bos.size(1) - 1))],
+                                                               with_bos)[0].tolist()
+    assert t2.unit_bytes[0, 1].item() == len(sp.id_to_piece(with_bos[0, 1].item())) - 1  # "▁cat": 3, not 4
+    assert t2.counted[0].tolist() == (~luts.is_control[with_bos[0]]).tolist() and not t2.counted[0, 0]
     s = boundaries.mask_stats(t.word_start, t, byte_level=False)
     assert s["precision"] == 1.0 and s["recall"] == 1.0 and "chunk_tokens_mean" in s
 
@@ -145,7 +155,7 @@ def test_the_html_page_is_self_contained_and_shows_every_byte_in_its_chunks(tmp_
     mask[cuts] = True
     c = boundaries.Collected(tokens[None], mask[None], mask[None].float(), torch.zeros(1, len(text)))
     view = boundaries.view_of("byte260", hp, c)
-    report = boundaries.mask_stats(mask[None], boundaries.targets(hp, tokens[None]), True)
+    report = boundaries.mask_stats(mask[None], boundaries.targets(study02(), hp, tokens[None]), True)
     path = tmp_path / "page.html"
     boundaries.write_html(path, [view, view], [report, report])
     page = path.read_text(encoding="utf-8")

@@ -1,6 +1,7 @@
 """Exporter (SPEC 3.2-3.3): byte260 ids, the sample export for both tokenizers, the manifest,
 and a SentencePiece that never trains on validation documents unless asked to."""
 import gzip
+import hashlib
 import json
 import lzma
 import random
@@ -79,6 +80,9 @@ def test_manifest_stats_match_the_files_on_disk(export_name, request):
     for key in ("model_path", "vocab_path", "path"):
         if key in tokenizer:
             assert (root / tokenizer[key]).is_file()
+    # the digest of the file a trainer's TOKENIZER_PATH names, so a trainer can refuse another one
+    named = root / (tokenizer.get("model_path") or tokenizer["path"])
+    assert tokenizer["sha256"] == hashlib.sha256(named.read_bytes()).hexdigest()
     stats = dataset["stats"]
     for split in ("val", "train"):
         files = shards(root, dataset["name"], split)

@@ -142,10 +142,15 @@ def test_downloads_val_a_train_prefix_and_tokenizers_then_skips_them(tmp_path, s
         local = data / relative.removeprefix("datasets/")
         wanted = "train_00000" not in relative or any(f"train_00000{i}" in relative for i in range(3))
         assert local.is_file() == wanted, relative
-        if wanted:
+        if wanted and relative != "datasets/manifest.json":  # the manifest gains digests (below)
             assert local.read_bytes() == content
     assert ex.read_shard(data / "datasets/fineweb10B_sp1024/fineweb_val_000001.bin").size == 51
     assert "7 files downloaded, 0 already complete" in result.stdout
+    # the local manifest is the published one plus the digest of the tokenizer now on disk
+    manifest = json.loads((data / "manifest.json").read_text())
+    (tokenizer,) = manifest["tokenizers"]
+    assert tokenizer["sha256"] == hashlib.sha256(b"model bytes").hexdigest()
+    assert manifest["datasets"] == json.loads(published["datasets/manifest.json"])["datasets"]
 
     # Second run: everything is complete, nothing is downloaded again.
     server.requests.clear()

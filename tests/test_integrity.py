@@ -183,12 +183,14 @@ def test_another_sentencepiece_tokenizer_of_the_same_vocab_is_refused(sp_run, sp
     model = other / "tokenizers" / "fineweb_1024_bpe.model"
     assert model.read_bytes() != (sp_export / "tokenizers" / "fineweb_1024_bpe.model").read_bytes()
     assert score(sp_run / "final_model.int6.ptz", "--tokenizer", model) == 2
-    assert "tokenizer: artifact" in capsys.readouterr().err
+    # the shards' manifest names their tokenizer by sha256: refused before the artifact's own check
+    assert "is not the tokenizer fineweb10B_sp1024 was made with" in capsys.readouterr().err
+    assert score(sp_run / "final_model.int6.ptz", "--tokenizer", model, "--ignore-mismatch") == 2
 
 
 def test_an_sp1024_artifact_on_byte260_shards_is_refused_even_when_cut(sp_run, sample_byte260, capsys):
     assert score(sp_run / "final_model.int6.ptz", "--data", sample_byte260, "--val-max-tokens", "5000") == 2
-    assert "byte260 data?" in capsys.readouterr().err
+    assert "fineweb10B_byte260 was made with a byte tokenizer" in capsys.readouterr().err
 
 
 # --- which trainer an artifact may run ------------------------------------------------------------
@@ -291,12 +293,37 @@ def test_export_and_final_evaluation_run_with_the_default_signal_handlers(sample
 
 # --- bytes per token -----------------------------------------------------------------------------------
 
-def test_a_piece_of_several_leading_spaces_counts_one_of_them_as_the_space():
+def test_a_piece_counts_the_bytes_it_decodes_to_every_space_included(tmp_path):
+    # SentencePiece decodes every "▁" of a piece to a space: '▁▁▁▁' is four spaces (4 bytes when
+    # it follows text), not one space and three 3-byte U+2581s (10 bytes) as the code once counted
+    import io
+
+    import sentencepiece as spm
+
     t = study02()
-    assert t.piece_bytes("\u2581\u2581") == (True, 3)  # the second "▁" is a real U+2581, 3 bytes
-    assert t.piece_bytes("\u2581the") == (True, 3)
-    assert t.piece_bytes("ing") == (False, 3)
-    assert t.piece_bytes("\u2581") == (True, 0)
+    assert t.piece_bytes("\u2581\u2581") == (True, 1)
+    assert t.piece_bytes("\u2581\u2581\u2581\u2581") == (True, 3)
+    assert t.piece_bytes("\u2581the") == (True, 3) and t.piece_bytes("ing") == (False, 3)
+    assert t.piece_bytes("\u2581") == (True, 0) and t.piece_bytes("a\u2581b") == (False, 3)
+    lines = []
+    for i in range(400):  # indented code and runs of spaces, kept as they are (no whitespace folding)
+        lines += [f"def f{i}(x):     return x + {i}    # note    here", f"the cat    sat  on   the mat {i}      again"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=320, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        minloglevel=2, num_threads=1)
+    model = tmp_path / "ws.model"
+    model.write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert {"\u2581\u2581", "\u2581\u2581\u2581\u2581"} <= {sp.id_to_piece(i) for i in range(sp.vocab_size())}
+    hp = tiny_hparams(t, VOCAB_SIZE=str(sp.vocab_size()), TOKENIZER_PATH=str(model))
+    luts = t.build_byte_luts(hp, torch.device("cpu"))
+    for text in ("the cat    dog", "x = 1      # six spaces", "def g(x):     return x    ", "caf\u00e9  \u2603  ok"):
+        ids = torch.tensor([[1] + sp.encode(text)])  # BOS first, as in every shard
+        counted = t.target_bytes(luts, ids[:, :-1], ids[:, 1:]).sum().item()
+        assert counted == len(sp.decode(ids[0, 1:].tolist()).encode("utf-8")) == len(text.encode("utf-8")), text
 
 
 def test_evaluation_refuses_to_return_a_score_that_is_not_finite():

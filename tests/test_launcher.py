@@ -61,7 +61,7 @@ def test_every_named_run_is_a_valid_configuration():
             continue
         trainer = load_module(f"studies/{study.name}/train_gpt.py")
         for name, run in json.loads((study / "runs.json").read_text())["runs"].items():
-            launcher.check_keys(trainer, run["env"], name)
+            launcher.modules.check_keys(trainer, run["env"], name)
             trainer.Hyperparameters.from_env(run["env"])
 
 

@@ -138,6 +138,30 @@ def test_tokenizer_that_does_not_match_vocab_size(tmp_path):
         t.build_byte_luts(hp, torch.device("cpu"))
 
 
+def test_training_refuses_a_tokenizer_other_than_the_one_the_shards_were_made_with(tmp_path):
+    # Two SentencePiece models of one vocabulary size: the shards were made with the first. With the
+    # second, training would run and every score count the wrong bytes (and eval_bpb would agree).
+    import json
+
+    t = study02()
+    out = export_docs(SAMPLE, tmp_path / "sp", "sp1024")
+    other = export_docs(SAMPLE, tmp_path / "other", "sp1024", extra=("--tokenizer-train-docs", "30"))
+    model = other / "tokenizers" / "fineweb_1024_bpe.model"
+    data = out / "datasets" / "fineweb10B_sp1024"
+    with pytest.raises(t.ConfigError, match=r"TOKENIZER_PATH=.*other.* is not the tokenizer fineweb10B_sp1024 was made"):
+        run_tiny(t, data, tmp_path / "run", VOCAB_SIZE="1024", TOKENIZER_PATH=str(model))
+    assert not (tmp_path / "run").exists()  # refused before the run folder exists
+    with pytest.raises(t.ConfigError, match="holds id 1023 >= VOCAB_SIZE=260"):  # and byte260 on it, before that
+        run_tiny(t, data, tmp_path / "run", VOCAB_SIZE="260", TOKENIZER_PATH="")
+    # an older manifest without the digest: a warning in the log, not a silent pass
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["tokenizers"][0]["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    run_tiny(t, data, tmp_path / "old", VOCAB_SIZE="1024", ITERATIONS="1", TOKENIZER_PATH=str(model),
+             GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0", VAL_MAX_TOKENS="1024")
+    assert "records no sha256 for fineweb10B_sp1024's tokenizer" in (tmp_path / "old" / "train.log").read_text()
+
+
 def test_the_same_trainer_reads_sp1024_shards_and_tokenizer(tmp_path):
     """The sample exported with SentencePiece trains and scores through the same code."""
     t = study02()

@@ -50,11 +50,16 @@ from torch import Tensor, nn
 # file holds the exact env of every published and CPU run.
 # ----------------------------------------------------------------------------------------------
 
-# Unknown variables starting with one of these are errors (they can only be meant for us).
-OWN_PREFIXES = ("HNET_", "GPTQ_", "EVAL_", "TRAIN_", "VAL_", "MUON_", "LATE_QAT_", "EMA_", "CHUNK_",
-                "RATIO_", "OUTER_", "TARGET_AVG_", "TIED_EMBED_", "SUBMISSION_", "CHECKPOINT_", "PRUNE_",
-                "QUANT_", "EXPORT_", "COMPILE_")
+# An unknown variable is an error when it looks meant for this file: close to a known name, the
+# tail of one (SEQ_LEN for TRAIN_SEQ_LEN), or with a prefix no other program uses. Anything else
+# (a cluster's, torchrun's, NCCL's variables) is none of our business.
+OWN_PREFIXES = ("HNET_", "GPTQ_", "LATE_QAT_", "QAT_", "EMA_", "RATIO_", "OUTER_", "TARGET_AVG_",
+                "TIED_EMBED_", "MUON_", "CHUNK_", "PRUNE_", "QUANT_")
 CHOICES = {"autocast": ("auto", "bf16", "off")}
+SWITCHES = ("ratio_loss_per_seq", "quant_scale_floor")  # 0 or 1
+# Study 02's variables that this trainer does not have: set here, each is a mistake worth stopping for.
+STUDY_02_ONLY = ("EVAL_STRIDE", "EVAL_SLIDING", "DYNAMIC_CAP", "EXPORT_FORMATS", "COMPILE_MODEL", "COMPILE_BACKEND",
+                 "LR_WARMUP_STEPS", "GRAD_ACCUM_STEPS")
 
 @dataclass
 class Hyperparameters:
@@ -68,7 +73,7 @@ class Hyperparameters:
     # schedule (steps are optimizer steps over TRAIN_BATCH_TOKENS global tokens)
     iterations: int = 20000
     warmdown_iters: int = 1200
-    warmup_steps: int = 20  # warm-up steps, undone before training starts
+    warmup_steps: int = 20  # allocator and kernel warm-up: real steps whose effect is undone (not an LR warmup)
     max_wallclock_seconds: float = 600.0  # 0: no cap
     val_loss_every: int = 1000
     train_log_every: int = 200
@@ -89,6 +94,7 @@ class Hyperparameters:
     # dynamic chunking
     target_avg_chunk_len: float = 9.0
     ratio_loss_weight: float = 0.05
+    ratio_loss_per_seq: int = 1  # 1 (published): F and G per sequence, then averaged; 0: over the batch
     hnet_lr_diff: float = 0.75
     # optimisers
     matrix_lr: float = 0.04
@@ -102,7 +108,6 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
     grad_clip_norm: float = 0.0  # 0: off
-    ratio_loss_per_seq: int = 1  # 1 (published): F and G per sequence, then averaged; 0: over the batch
     # precision and checkpoints
     autocast: str = "auto"  # auto: bf16 on CUDA, off on CPU; bf16 on CPU runs the GPU's precision path
     checkpoint_every: int = 0  # 0: only at the end
@@ -116,49 +121,56 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> tuple["Hyperparameters", list[str]]:
-        """Parse env into a config; returns it and a list of warnings (likely misspellings)."""
+        """Parse env into a checked config; returns it and a list of warnings (none today)."""
         env = os.environ if env is None else env
         known = {f.name.upper(): f for f in fields(cls)}
-        values, warnings = {}, []
+        values = {}
         for name, f in known.items():
             if name not in env:
                 continue
             raw = env[name].strip()
             try:
-                values[f.name] = raw if f.type == "str" else (int(raw) if f.type == "int" else float(raw))
+                values[f.name] = raw if f.type == "str" else int(raw) if f.type == "int" else float(raw)
             except ValueError:
                 raise ConfigError(f"{name}={env[name]!r} is not a valid {f.type}") from None
         for name in env:
-            if name in known:
-                continue
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.88)
-            hint = f": did you mean {close[0]}?" if close else " (see the fields of Hyperparameters)"
-            if name.startswith(OWN_PREFIXES):
-                raise ConfigError(f"unknown variable {name}{hint}")
-            if close:
-                warnings.append(f"{name} is not a known variable{hint}")
+            if name not in known:
+                meant = meant_for_us(name, list(known))
+                if meant:
+                    raise ConfigError(f"unknown variable {name}{meant}")
         hp = cls(**values)
         hp.check()
-        return hp, warnings
+        return hp, []
 
     def check(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
-        for name in ("vocab_size", "train_seq_len", "train_batch_tokens", "model_dim", "num_heads",
-                     "num_kv_heads", "mlp_mult", "num_layers", "eval_batch_seqs"):
-            need(getattr(self, name) > 0, f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
+
+        for name in ("vocab_size", "iterations", "train_seq_len", "train_batch_tokens", "model_dim", "num_heads",
+                     "num_kv_heads", "mlp_mult", "num_layers", "eval_batch_seqs", "muon_backend_steps"):
+            value = getattr(self, name)
+            need(value > 0, f"{name.upper()} must be a positive integer, got {value}")
+        for name in ("warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every", "val_max_tokens",
+                     "muon_momentum_warmup_steps", "checkpoint_every", "keep_float_max_numel", "ratio_loss_weight",
+                     "grad_clip_norm", "max_wallclock_seconds"):
+            value = getattr(self, name)
+            need(value >= 0, f"{name.upper()} must be >= 0, got {value}")
+        for name in SWITCHES:
+            need(getattr(self, name) in (0, 1), f"{name.upper()} must be 0 or 1, got {getattr(self, name)}")
+        for name, allowed in CHOICES.items():
+            need(getattr(self, name) in allowed,
+                 f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
-        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS={self.num_heads}")
+        need(self.model_dim % self.num_heads == 0,
+             f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS={self.num_heads}")
         need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM // NUM_HEADS must be even (RoPE)")
-        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must divide by NUM_KV_HEADS={self.num_kv_heads}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"NUM_HEADS={self.num_heads} must divide by NUM_KV_HEADS={self.num_kv_heads}")
         need(0 <= 2 * self.outer_layers < self.num_layers,
              f"OUTER_LAYERS={self.outer_layers} leaves no main stage in NUM_LAYERS={self.num_layers}")
         need(self.target_avg_chunk_len > 1, f"TARGET_AVG_CHUNK_LEN must exceed 1, got {self.target_avg_chunk_len}")
-        need(0 < self.hnet_lr_diff, f"HNET_LR_DIFF must be positive, got {self.hnet_lr_diff}")
-        for name, allowed in CHOICES.items():
-            need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0: no cap)")
+        need(self.hnet_lr_diff > 0, f"HNET_LR_DIFF must be positive, got {self.hnet_lr_diff}")
 
     @property
     def is_hnet(self) -> bool:
@@ -171,6 +183,16 @@ class Hyperparameters:
     @property
     def formats(self) -> list[str]:
         return ["int8"]
+
+def meant_for_us(name: str, known: list[str]) -> str:
+    """Why an unknown variable must be a mistake ("" if it need not be ours): the hint to print."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+    close = close or [k for k in known if "_" in name and k.endswith("_" + name)]
+    if close:
+        return f": did you mean {close[0]}?"
+    if name in STUDY_02_ONLY:
+        return ": it is a study 02 variable; study 01's trainer has none (see its README)"
+    return " (see the fields of Hyperparameters)" if name.startswith(OWN_PREFIXES) else ""
 
 class ConfigError(ValueError):
     """A configuration or input problem; the message names the variable or file."""
@@ -239,8 +261,8 @@ class Muon(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------------
 
 class ByteLuts(NamedTuple):
-    base_bytes: Tensor  # (V,) int64 UTF-8 bytes of the piece without its leading "▁"
-    has_leading_space: Tensor  # (V,) bool, piece starts with "▁" (one more byte unless after a control token)
+    base_bytes: Tensor  # (V,) int64 UTF-8 bytes the piece decodes to, without its leading "▁"
+    has_leading_space: Tensor  # (V,) bool, starts with "▁" (one more byte unless after a control token)
     is_control: Tensor  # (V,) bool, control/unknown/unused ids (count 0, and no space after them)
 
 def build_byte_luts(hp: Hyperparameters, device: torch.device) -> ByteLuts:
@@ -267,13 +289,16 @@ def build_byte_luts(hp: Hyperparameters, device: torch.device) -> ByteLuts:
     return ByteLuts(*(torch.from_numpy(a).to(device) for a in (base, lead, control)))
 
 def piece_bytes(piece: str) -> tuple[bool, int]:
-    """(has a leading "▁", UTF-8 bytes of the rest): exactly one "▁" stands for the space."""
+    """(has a leading "▁", UTF-8 bytes of the rest). SentencePiece decodes every "▁" to a space:
+    the leading one may vanish (after BOS, see target_bytes), each later one is one byte."""
     lead = piece.startswith("\u2581")
-    return lead, len((piece[1:] if lead else piece).encode("utf-8"))
+    rest = piece[1:] if lead else piece
+    return lead, len(rest.replace("\u2581", " ").encode("utf-8"))
 
 def target_bytes(luts: ByteLuts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
     """UTF-8 bytes each target stands for, given the token before it. Shapes (B, L)."""
-    return luts.base_bytes[target_ids] + (luts.has_leading_space[target_ids] & ~luts.is_control[prev_ids]).long()
+    space = luts.has_leading_space[target_ids] & ~luts.is_control[prev_ids]
+    return luts.base_bytes[target_ids] + space.long()
 
 class EvalResult(NamedTuple):
     val_loss: float  # mean nats per scored token
@@ -296,7 +321,8 @@ def eval_windows(total_targets: int, seq_len: int) -> list[tuple[int, int]]:
     return windows
 
 @torch.no_grad()
-def evaluate_bpb(model: nn.Module, rt: "Runtime", hp: Hyperparameters, val_tokens: Tensor, luts: ByteLuts) -> EvalResult:
+def evaluate_bpb(model: nn.Module, rt: "Runtime", hp: Hyperparameters, val_tokens: Tensor,
+                 luts: ByteLuts) -> EvalResult:
     seq_len = hp.train_seq_len
     windows = eval_windows(val_tokens.numel() - 1, seq_len)
     mine = windows[rt.rank::rt.world_size]
@@ -381,7 +407,8 @@ def tensors_digest(tensors: dict) -> str:
     for name in sorted(tensors):
         for key, v in sorted(tensors[name].items()):
             t = v if isinstance(v, Tensor) else torch.tensor(v)
-            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode() + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
@@ -431,7 +458,8 @@ def save_atomic(obj, path: str | Path) -> None:
     write_atomic(path, buf.getvalue())
 
 def model_from_payload(payload: dict, device: torch.device) -> "HNet":
-    hp = Hyperparameters(**{k: v for k, v in payload["config"].items() if k in {f.name for f in fields(Hyperparameters)}})
+    names = {f.name for f in fields(Hyperparameters)}
+    hp = Hyperparameters(**{k: v for k, v in payload["config"].items() if k in names})
     model = HNet(hp).to(device)
     try:
         model.load_state_dict(dequantize_state_dict(payload), strict=True)
@@ -476,28 +504,46 @@ def shard_files(hp: Hyperparameters, split: str) -> list[str]:
     expected = [os.path.join(hp.data_path, f"fineweb_{split}_{i:06d}.bin") for i in range(len(files))]
     if files != expected:
         missing = sorted(set(expected) - set(files))
-        raise ConfigError(f"DATA_PATH={hp.data_path}: the {split} shards are not numbered 0..{len(files) - 1}"
-                          f"{f' (missing {os.path.basename(missing[0])})' if missing else ''}: an incomplete copy?")
+        gap = f" (missing {os.path.basename(missing[0])})" if missing else ""
+        raise ConfigError(f"DATA_PATH={hp.data_path}: the {split} shards are not numbered "
+                          f"0..{len(files) - 1}{gap}: an incomplete copy?")
     return files
 
-def check_manifest(hp: Hyperparameters, val_counts: list[int]) -> list[str]:
-    """Compare the shards with the exporter's or downloader's DATA_PATH/../../manifest.json: no
-    entry (an interrupted export) or another val split is an error, no manifest a warning."""
+def check_manifest(hp: Hyperparameters, val_counts: list[int], tokenizer: dict) -> list[str]:
+    """Compare the shards and TOKENIZER_PATH with the exporter's or downloader's manifest.json
+    (DATA_PATH/../../): no entry (an interrupted export), another val split or another tokenizer
+    than the one the shards were made with is an error; no manifest is a warning."""
     path, name = Path(hp.data_path).resolve().parent.parent / "manifest.json", Path(hp.data_path).resolve().name
     if not path.is_file():
-        return [f"no manifest.json at {path}: cannot check that {name} is a complete export"]
+        return [f"no manifest.json at {path}: cannot check that {name} is a complete export of this tokenizer"]
     try:
-        stats = {d.get("name"): d.get("stats", {}) for d in json.loads(path.read_text()).get("datasets", [])}
+        manifest = json.loads(path.read_text())
+        datasets = {d.get("name"): d for d in manifest.get("datasets", [])}
+        tokenizers = {t.get("name"): t for t in manifest.get("tokenizers", [])}
     except (ValueError, AttributeError) as e:
         raise ConfigError(f"{path}: not a readable manifest ({e})") from None
-    if name not in stats:
+    if name not in datasets:
         raise ConfigError(f"{path} lists no dataset {name}: its export did not finish (or was interrupted); "
                           "run the exporter again")
+    stats = datasets[name].get("stats", {})
     have = {"files_val": len(val_counts), "tokens_val": sum(val_counts), "files_train": len(shard_files(hp, "train"))}
     for key, n in have.items():  # fewer train shards is fine: the downloader's --train-shards
-        want = stats[name].get(key)
+        want = stats.get(key)
         if want is not None and (n > want if key == "files_train" else n != want):
             raise ConfigError(f"DATA_PATH={hp.data_path}: {key} is {n:,}, {path} says {want:,}")
+    entry = tokenizers.get(datasets[name].get("tokenizer_name"), {})
+    kind = "sentencepiece" if "model_path" in entry or entry.get("kind", "").startswith("sentencepiece") else "byte"
+    if entry and kind != tokenizer["kind"].replace("byte260", "byte"):
+        raise ConfigError(f"{name} was made with a {kind} tokenizer ({path}), but TOKENIZER_PATH="
+                          f"{hp.tokenizer_path!r} is a {tokenizer['kind']} one")
+    if tokenizer["kind"] != "sentencepiece":
+        return []
+    if "sha256" not in entry:
+        return [f"{path} records no sha256 for {name}'s tokenizer: cannot check that TOKENIZER_PATH is the one "
+                "its shards were made with (export again to record it)"]
+    if entry["sha256"] != tokenizer["sha256"]:
+        raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path} (sha256 {tokenizer['sha256'][:12]}) is not the "
+                          f"tokenizer {name} was made with ({path}: {entry['sha256'][:12]}); the BPB would be wrong")
     return []
 
 def tokenizer_fingerprint(hp: Hyperparameters) -> dict:
@@ -547,23 +593,28 @@ class DistributedTokenLoader:
         local = local.to(torch.int64)
         return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
 
-# The split (cut to VAL_MAX_TOKENS + 1 if set), its fingerprint (tokenizer, shard names and counts,
-# sha256 of the whole split) and the manifest's warnings.
-Validation = NamedTuple("Validation", [("tokens", Tensor), ("fingerprint", dict), ("warnings", list)])
+class Validation(NamedTuple):
+    tokens: Tensor  # the split, cut to VAL_MAX_TOKENS + 1 if set
+    fingerprint: dict  # tokenizer, shard names and counts, sha256 of the whole split
+    warnings: list
 
 def load_validation(hp: Hyperparameters) -> Validation:
     """The val split, checked against the manifest and the tokenizer before any cut."""
     files = shard_files(hp, "val")
     parts = [load_data_shard(f, hp.vocab_size) for f in files]
-    warnings = check_manifest(hp, [t.numel() for t in parts])
+    tokenizer = tokenizer_fingerprint(hp)
+    warnings = check_manifest(hp, [t.numel() for t in parts], tokenizer)
     tokens = torch.cat(parts)
     if hp.uses_sentencepiece and tokens.numel() > 100_000 and int(tokens.max()) < 260:
         raise ConfigError(f"DATA_PATH={hp.data_path} holds only ids < 260 (byte260 data?) "
                           f"but TOKENIZER_PATH={hp.tokenizer_path} is a SentencePiece model")
-    fingerprint = {"tokenizer": tokenizer_fingerprint(hp),
+    sha = hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()
+    fingerprint = {"tokenizer": tokenizer,
                    "val": {"shards": [os.path.basename(f) for f in files], "tokens": [t.numel() for t in parts],
-                           "sha256": hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()}}
-    if hp.val_max_tokens > 0:
+                           "sha256": sha}}
+    if hp.val_max_tokens > 0 and hp.val_max_tokens + 1 < tokens.numel():
+        warnings.append(f"VAL_MAX_TOKENS={hp.val_max_tokens}: every score covers the first {hp.val_max_tokens:,} "
+                        f"of {tokens.numel() - 1:,} validation targets, not the whole split")
         tokens = tokens[:hp.val_max_tokens + 1]
     return Validation(tokens, fingerprint, warnings)
 
@@ -593,7 +644,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        angles = torch.outer(torch.arange(length, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq)
         return angles.cos().to(dtype)[None, None], angles.sin().to(dtype)[None, None]
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -622,7 +674,8 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(length, q.dtype)
         q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(b, length, d))
 
 class MLP(nn.Module):
@@ -657,7 +710,8 @@ class Stage(nn.Module):
         super().__init__()
         self.num_push = num_blocks // 2
         self.blocks = nn.ModuleList(Block(hp) for _ in range(num_blocks))
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_push, num_blocks - self.num_push), hp.model_dim))
+        num_skips = min(self.num_push, num_blocks - self.num_push)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x0 = F.rms_norm(x, (x.size(-1),))
@@ -706,20 +760,17 @@ class HNet(nn.Module):
     def hidden_states(self, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Final hidden states (B, L, D), the ratio loss and the boundary mask (None for a GPT)."""
         x = self.tok_emb(input_ids)
-        ratio, boundary_mask = torch.zeros((), device=x.device), None
-        if self.hp.is_hnet:
-            h = self.encoder(x)  # (B, L, D)
-            router = self.routing(h)
-            chunks = self.chunk(h, router, int(router.boundary_mask.sum(1).max()))  # the batch's most boundaries
-            z = self.main(ScaleGrad.apply(chunks.hidden, 1.0 / self.hp.hnet_lr_diff))  # (B, C, D)
-            up = self.dechunk(z, chunks.probs, chunks.chunk_index)  # (B, L, D)
-            x = ste_one(router.selected_probs)[..., None].to(up.dtype) * up + self.residual_proj(h)
-            x = self.decoder(ScaleGrad.apply(x, self.hp.hnet_lr_diff))
-            ratio = ratio_loss(router, self.hp.target_avg_chunk_len, bool(self.hp.ratio_loss_per_seq))
-            boundary_mask = router.boundary_mask
-        else:
-            x = self.main(x)
-        return x, ratio, boundary_mask
+        if not self.hp.is_hnet:
+            return self.main(x), torch.zeros((), device=x.device), None
+        h = self.encoder(x)  # (B, L, D)
+        router = self.routing(h)
+        chunks = self.chunk(h, router, int(router.boundary_mask.sum(1).max()))  # the batch's most boundaries
+        z = self.main(ScaleGrad.apply(chunks.hidden, 1.0 / self.hp.hnet_lr_diff))  # (B, C, D)
+        up = self.dechunk(z, chunks.probs, chunks.chunk_index)  # (B, L, D)
+        x = ste_one(router.selected_probs)[..., None].to(up.dtype) * up + self.residual_proj(h)
+        x = self.decoder(ScaleGrad.apply(x, self.hp.hnet_lr_diff))
+        ratio = ratio_loss(router, self.hp.target_avg_chunk_len, bool(self.hp.ratio_loss_per_seq))
+        return x, ratio, router.boundary_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,7 +803,7 @@ class RoutingModule(nn.Module):
         return RoutingModuleOutput(p, mask, torch.where(mask, p, 1 - p))
 
 class ChunkOutput(NamedTuple):
-    hidden: Tensor  # (B, C) x D: encoder states at the boundaries, zero-padded to C
+    hidden: Tensor  # (B, C, D) encoder states at the boundaries, zero-padded to C
     probs: Tensor  # (B, C) boundary_prob there (0 on padding)
     chunk_index: Tensor  # (B, L) chunk each position reads: boundaries at or before it, minus 1, < C
 
@@ -842,15 +893,17 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-def setup_device(hp: Hyperparameters) -> Runtime:
+def setup_device(hp: Hyperparameters, train: bool = True) -> Runtime:
     """Decide everything device-specific once: NCCL + bf16 on CUDA, gloo + fp32 on CPU.
-    AUTOCAST=bf16 on CPU runs the CUDA precision path (bf16 autocast, bf16 Newton-Schulz)."""
+    AUTOCAST=bf16 on CPU runs the CUDA precision path (bf16 autocast, bf16 Newton-Schulz).
+    train=False (evaluation only): any world size, no batch split to check."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if 8 % world_size:
+    accum = max(1, 8 // world_size)
+    if train and 8 % world_size:
         raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (grad accumulation is 8 / WORLD_SIZE)")
-    if hp.train_batch_tokens % (8 * hp.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of "
-                          f"8 * TRAIN_SEQ_LEN = {8 * hp.train_seq_len}")
+    if train and hp.train_batch_tokens % (world_size * accum * hp.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of WORLD_SIZE * "
+                          f"grad accumulation * TRAIN_SEQ_LEN = {world_size * accum * hp.train_seq_len}")
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), "nccl"
         torch.cuda.set_device(device)
@@ -864,7 +917,7 @@ def setup_device(hp: Hyperparameters) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
     bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and device.type == "cuda")
-    return Runtime(device, rank, world_size, 8 // world_size, torch.bfloat16 if bf16 else None)
+    return Runtime(device, rank, world_size, accum, torch.bfloat16 if bf16 else None)
 
 def run_log(path: Path | None):
     """log(msg, console=True): rank 0 appends to train.log (and prints); other ranks do nothing."""
@@ -904,9 +957,9 @@ def build_optimizers(model: HNet, hp: Hyperparameters, rt: Runtime) -> list:
     def adam(params, lr):
         return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(hp.beta1, hp.beta2),
                                 eps=hp.adam_eps, weight_decay=0.0, fused=True)
-    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank, rt.world_size,
-                rt.autocast_dtype or torch.float32)
-    muon.param_groups[0]["base_lr"] = hp.matrix_lr
+
+    muon = Muon([{"params": matrices, "base_lr": hp.matrix_lr}], hp.matrix_lr, hp.muon_momentum,
+                hp.muon_backend_steps, rt.rank, rt.world_size, rt.autocast_dtype or torch.float32)
     return [adam([model.tok_emb.weight], hp.tied_embed_lr), muon, adam(scalars, hp.scalar_lr)]
 
 def training_cap_ms(hp: Hyperparameters) -> float:
@@ -937,9 +990,16 @@ def all_reduce_grads(model: nn.Module, rt: Runtime) -> None:
     for p, g in zip(params, (flat / rt.world_size).split([p.numel() for p in params])):
         p.grad.copy_(g.view_as(p))
 
-# One step's global sums, the slowest rank's clock at the step's gate (ms) and any rank's signal.
-StepStats = NamedTuple("StepStats", [(name, float) for name in (
-    "ce", "ratio", "chunks", "bytes", "micro_steps", "nonfinite", "clock_ms", "signal")])
+class StepStats(NamedTuple):
+    """One step's global sums, the slowest rank's clock at the step's gate (ms) and any rank's signal."""
+    ce: float
+    ratio: float
+    chunks: float
+    bytes: float
+    micro_steps: float
+    nonfinite: float
+    clock_ms: float
+    signal: float
 
 def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
     """One optimizer step at LR multiplier `mul`. Stats, the ranks' clocks (time since the previous
@@ -955,9 +1015,9 @@ def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
         (loss / rt.grad_accum_steps).backward()
         chunks = out.boundary_mask.sum() if out.boundary_mask is not None else (x >= 0).sum()
         in_bytes = (run.luts.base_bytes[x] + run.luts.has_leading_space[x].long()).sum()
+        one = torch.ones((), device=rt.device, dtype=torch.float64)
         stats += torch.stack((ce.detach().double(), out.ratio_loss.detach().double(), chunks.double(),
-                              in_bytes.double(), torch.ones((), device=rt.device, dtype=torch.float64),
-                              (~torch.isfinite(loss.detach())).double()))
+                              in_bytes.double(), one, (~torch.isfinite(loss.detach())).double()))
     all_reduce_grads(run.model, rt)
     now = time.perf_counter()
     clock = torch.tensor([run.training_time_ms + 1000 * (now - gate), float(run.signal_received)],
@@ -972,7 +1032,8 @@ def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
     if hp.grad_clip_norm > 0:  # off in every published run
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), hp.grad_clip_norm)
     frac = min(run.step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
-    run.optimizers[1].param_groups[0]["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+    for group in run.optimizers[1].param_groups:
+        group["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mul
@@ -981,7 +1042,11 @@ def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
     return host, now
 
 def checkpoint_state(run: Run) -> dict:
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Everything a resume needs, in types that torch.load(weights_only=True) reads back."""
+    np_state = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                     "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
     if run.rt.is_cuda:
         rng["cuda"] = torch.cuda.get_rng_state()
     return {"model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
@@ -1008,15 +1073,18 @@ def restore_state(run: Run, state: dict) -> None:
         opt.load_state_dict(s)
     run.loader.stream.load_state(state["loader"])
     run.step, run.training_time_ms = state["step"], state["training_time_ms"]
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if run.rt.is_cuda and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    np_state = rng["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    random.setstate(rng["python"])
+    if run.rt.is_cuda and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
 
 def load_checkpoint(run: Run, path: str) -> None:
     try:
-        state = torch.load(path, map_location=run.rt.device, weights_only=False)
+        state = torch.load(path, map_location=run.rt.device, weights_only=True)
     except Exception as e:
         raise ConfigError(f"RESUME_FROM={path}: unreadable checkpoint: {e}") from None
     for name in SHAPE_FIELDS:
@@ -1043,19 +1111,31 @@ def run_warmup_steps(run: Run) -> None:
     run.model.zero_grad(set_to_none=True)
     run.log(f"warmup_steps:{run.hp.warmup_steps} done (undone: weights, optimisers, data, RNG restored)")
 
+def log_eta(run: Run) -> None:
+    """After the first steps: how long the run will train on this machine at their pace."""
+    hp, ms = run.hp, run.training_time_ms / run.step
+    total_s = hp.iterations * ms / 1000
+    line = f"eta: {hp.iterations} steps at {ms:.0f} ms/step is about {total_s / 60:.1f} min of training here"
+    cap_ms = training_cap_ms(hp)
+    if 0 < cap_ms < hp.iterations * ms:
+        line += f"; the wall-clock cap ({cap_ms / 1000:g}s of training) stops it first, near step {cap_ms / ms:.0f}"
+    run.log(line)
+
 def train(run: Run) -> None:
-    hp, rt, log = run.hp, run.rt, run.log
+    hp, log = run.hp, run.log
     cap_ms = training_cap_ms(hp)
     capped = cap_ms > 0 and run.training_time_ms >= cap_ms  # a resumed finished run goes straight to export
+    eta_step = min(10, hp.iterations)
     gate = time.perf_counter()  # host time of the last step's gate; pauses are added to it
     while True:
         last = run.step >= hp.iterations or capped
         if last or (hp.val_loss_every > 0 and run.step % hp.val_loss_every == 0):
             t0 = time.perf_counter()
-            res = evaluate_bpb(run.model, rt, hp, run.val_tokens, run.luts)
+            res = evaluate_bpb(run.model, run.rt, hp, run.val_tokens, run.luts)
             run.last_eval = (run.step, res)
             log(f"step:{run.step}/{hp.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
-                f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / max(run.step, 1):.2f}ms")
+                f"train_time:{run.training_time_ms:.0f}ms "
+                f"step_avg:{run.training_time_ms / max(run.step, 1):.2f}ms")
             gate += time.perf_counter() - t0  # validation is off the clock
         if last:
             break
@@ -1068,19 +1148,24 @@ def train(run: Run) -> None:
         run.training_time_ms = stats.clock_ms
         run.step += 1
         if hp.train_log_every > 0 and (run.step % hp.train_log_every == 0 or run.step <= 10):
-            log(f"step:{run.step}/{hp.iterations} train_loss:{stats.ce / stats.micro_steps:.4f} "
-                f"ratio_loss:{stats.ratio / stats.micro_steps:.4f} bytes_per_chunk:{stats.bytes / max(stats.chunks, 1):.2f} "
+            n = stats.micro_steps
+            log(f"step:{run.step}/{hp.iterations} train_loss:{stats.ce / n:.4f} ratio_loss:{stats.ratio / n:.4f} "
+                f"bytes_per_chunk:{stats.bytes / max(stats.chunks, 1):.2f} "
                 f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / run.step:.2f}ms")
+        if run.step == eta_step:
+            log_eta(run)
         if stats.signal > 0:
             path = save_checkpoint(run)
             raise TrainingStopped(f"stopped by signal {int(stats.signal)} after step {run.step}; to continue, "
-                                  f"rerun with the same environment plus RESUME_FROM={path}", 128 + int(stats.signal))
+                                  f"rerun with the same environment plus RESUME_FROM={path}",
+                                  128 + int(stats.signal))
         if hp.checkpoint_every > 0 and run.step % hp.checkpoint_every == 0:
             t0 = time.perf_counter()
             save_checkpoint(run)
             gate += time.perf_counter() - t0
         if cap_ms > 0 and run.training_time_ms >= cap_ms and run.step < hp.iterations:
-            log(f"stopping_early: wallclock_cap train_time:{run.training_time_ms:.0f}ms step:{run.step}/{hp.iterations}")
+            log(f"stopping_early: wallclock_cap train_time:{run.training_time_ms:.0f}ms "
+                f"step:{run.step}/{hp.iterations}")
             capped = True
     save_checkpoint(run)
 
@@ -1096,9 +1181,9 @@ def export_artifact(run: Run, fmt: str, state: dict) -> tuple[Path, int]:
         dist.barrier()
     model_bytes = path.stat().st_size
     total = code_bytes() + model_bytes
+    verdict = "under" if total <= SIZE_CAP_BYTES else "OVER"
     run.log(f"serialized_{fmt}: {path} model_bytes:{model_bytes} code_bytes:{code_bytes()} total_bytes:{total} "
-            f"headroom:{SIZE_CAP_BYTES - total} ({'under' if total <= SIZE_CAP_BYTES else 'OVER'} the "
-            f"{SIZE_CAP_BYTES:,}-byte cap)")
+            f"headroom:{SIZE_CAP_BYTES - total} ({verdict} the {SIZE_CAP_BYTES:,}-byte cap)")
     return path, total
 
 def export_and_evaluate(run: Run) -> dict:
@@ -1112,6 +1197,7 @@ def export_and_evaluate(run: Run) -> dict:
         res = res or evaluate_bpb(run.model, rt, hp, run.val_tokens, run.luts)
         log(f"final_{label} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
         return res._asdict()
+
     done = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.step else None  # scored at the last step
     metrics = {"float": score("float", res=done)}
     t0 = time.perf_counter()
@@ -1132,20 +1218,29 @@ def export_and_evaluate(run: Run) -> dict:
 
 def write_submission(run: Run, metrics: dict) -> None:
     """submission.json in the challenge's record-folder format, plus what a reader needs to trust it."""
-    final = metrics["headline_format"]
+    hp, final = run.hp, metrics["headline_format"]
     headline = metrics[f"{final}_roundtrip"]
-    hardware = (f"{run.rt.world_size}x{torch.cuda.get_device_name(run.rt.device)}" if run.rt.is_cuda
-                else f"{run.rt.world_size}x CPU ({platform.processor() or platform.machine()})")
-    tokenizer = "byte260" if not run.hp.uses_sentencepiece else f"sp{run.hp.vocab_size}"
+    if run.rt.is_cuda:
+        hardware = f"{run.rt.world_size}x{torch.cuda.get_device_name(run.rt.device)}"
+    else:
+        hardware = f"{run.rt.world_size}x CPU ({platform.processor() or platform.machine()})"
+    tokenizer = "byte260" if not hp.uses_sentencepiece else f"sp{hp.vocab_size}"
     export = "int8 + zlib-9"
-    sub = {"author": run.hp.submission_author, "name": run.hp.submission_name or run.hp.run_id,
-           "blurb": f"{'H-Net' if run.hp.is_hnet else 'GPT'} ({tokenizer}), {run.hp.num_layers} layers, "
-                    f"OUTER_LAYERS={run.hp.outer_layers}, {export}",
+    val_total = sum(run.data["val"]["tokens"]) - 1
+    budget_ms = 1000 * hp.max_wallclock_seconds
+    sub = {"author": hp.submission_author, "name": hp.submission_name or hp.run_id,
+           "blurb": f"{'H-Net' if hp.is_hnet else 'GPT'} ({tokenizer}), {hp.num_layers} layers, "
+                    f"OUTER_LAYERS={hp.outer_layers}, {export}",
            "date": time.strftime("%Y-%m-%d"), "val_loss": headline["val_loss"], "val_bpb": headline["val_bpb"],
            "bytes_total": metrics["bytes_total"], "bytes_code": metrics["bytes_code"],
-           "pre_quant_val_bpb": metrics["float"]["val_bpb"], "roundtrip_val_bpb": metrics[f"{final}_roundtrip"]["val_bpb"],
-           **{f"{fmt}_roundtrip_val_bpb": metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in run.hp.formats},
-           "seeds": [run.hp.seed], "steps": run.step, "train_time_ms": round(run.training_time_ms),
+           "pre_quant_val_bpb": metrics["float"]["val_bpb"],
+           "roundtrip_val_bpb": metrics[f"{final}_roundtrip"]["val_bpb"],
+           **{f"{fmt}_roundtrip_val_bpb": metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in hp.formats},
+           "val_targets_scored": metrics["float"]["tokens"], "val_targets_total": val_total,
+           "whole_val_split": metrics["float"]["tokens"] == val_total,
+           "seeds": [hp.seed], "steps": run.step,
+           "train_time_ms": round(run.training_time_ms),
+           "within_time_budget": budget_ms <= 0 or run.training_time_ms <= budget_ms,
            "hardware": hardware, "torch_version": torch.__version__, "data": run.data}
     write_atomic(run.run_dir / "submission.json", (json.dumps(sub, indent=2) + "\n").encode())
 
@@ -1201,6 +1296,7 @@ def run_training(hp: Hyperparameters, warnings: list[str] = ()) -> tuple[Run, di
         if run.signal_received:
             raise TrainingStopped(f"aborted by a second signal {signum}", 128 + signum)
         run.signal_received = signum
+
     handlers = {}
     with contextlib.suppress(ValueError):  # signals can only be caught on the main thread
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1219,8 +1315,6 @@ def run_training(hp: Hyperparameters, warnings: list[str] = ()) -> tuple[Run, di
 def main() -> int:
     try:
         hp, warnings = Hyperparameters.from_env()
-        for w in warnings:
-            print(f"WARNING: {w}", file=sys.stderr)
         _, metrics = run_training(hp, warnings)
         code = 4 if metrics["over_cap"] else 0
     except ConfigError as e:
@@ -1241,6 +1335,7 @@ def main() -> int:
             dist.barrier()
         dist.destroy_process_group()
     return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ reads both back and scores them in bits per byte, non-overlapping and sliding-wi
 All configuration comes from environment variables (see Hyperparameters); a bare run is the
 study's headline byte260 H-Net. The same code runs on CPU (gloo, fp32, no compile) and on CUDA
 (NCCL, bf16 autocast, torch.compile). This file's bytes are the artifact's counted code, so it is
-self-contained and kept under the challenge's 1,500-line cap.
+self-contained.
 """
 
 from __future__ import annotations
@@ -50,11 +50,14 @@ from torch import Tensor, nn
 # file holds the exact env of every published and CPU run.
 # ----------------------------------------------------------------------------------------------
 
-# Unknown variables starting with one of these are errors (they can only be meant for us).
-OWN_PREFIXES = ("HNET_", "GPTQ_", "EVAL_", "TRAIN_", "VAL_", "MUON_", "LATE_QAT_", "EMA_", "CHUNK_",
-                "RATIO_", "OUTER_", "TARGET_AVG_", "TIED_EMBED_", "SUBMISSION_", "CHECKPOINT_", "PRUNE_",
-                "QUANT_", "EXPORT_", "COMPILE_", "GRAD_", "LR_")
+# An unknown variable is an error when it looks meant for this file: close to a known name, the
+# tail of one (SEQ_LEN for TRAIN_SEQ_LEN), or with a prefix no other program uses. Anything else
+# (a cluster's, torchrun's, NCCL's variables) is none of our business.
+OWN_PREFIXES = ("HNET_", "GPTQ_", "LATE_QAT_", "QAT_", "EMA_", "RATIO_", "OUTER_", "TARGET_AVG_",
+                "TIED_EMBED_", "MUON_", "CHUNK_", "PRUNE_", "QUANT_")
 CHOICES = {"autocast": ("auto", "bf16", "off"), "gptq_clip_search": ("matrix", "row")}
+SWITCHES = ("ratio_loss_per_seq", "eval_sliding", "dynamic_cap", "quant_scale_floor", "gptq_calib_all_ranks",
+            "prune_nonzero")  # 0 or 1
 
 @dataclass
 class Hyperparameters:
@@ -68,12 +71,14 @@ class Hyperparameters:
     # schedule (steps are optimizer steps over TRAIN_BATCH_TOKENS global tokens)
     iterations: int = 20000
     warmdown_iters: int = 1200
-    warmup_steps: int = 20  # compile-priming steps, undone before training starts
+    warmup_steps: int = 20  # compile priming: real steps whose effect is undone (not an LR warmup)
+    lr_warmup_steps: int = 0  # LR warmup: every LR rises linearly over these first steps (ours; 0 published)
     max_wallclock_seconds: float = 600.0  # 0: no cap
     val_loss_every: int = 1000
     train_log_every: int = 200
     train_batch_tokens: int = 524288
     train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # micro-steps a step on each rank (0, published: 8 // WORLD_SIZE)
     val_max_tokens: int = 0  # 0: the whole validation split
     # model
     model_dim: int = 512
@@ -89,6 +94,7 @@ class Hyperparameters:
     # dynamic chunking
     target_avg_chunk_len: float = 6.0
     ratio_loss_weight: float = 0.05
+    ratio_loss_per_seq: int = 1  # 1 (published): F and G per sequence, then averaged; 0: over the batch
     chunk_divisor: int = 4
     hnet_lr_diff: float = 0.75
     # optimisers
@@ -103,14 +109,10 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
     grad_clip_norm: float = 0.0  # 0: off
-    ratio_loss_per_seq: int = 1  # 1 (published): F and G per sequence, then averaged; 0: over the batch
-    ratio_target_start: float = 0.0  # ours, off in published runs (study README): the ratio loss's N
-    ratio_target_steps: int = 0  # rises from START to TARGET_AVG_CHUNK_LEN over these steps (0: fixed)
-    outer_lr_mult: float = 1.0  # Muon LR of encoder, router and decoder matrices = this x MATRIX_LR
-    grad_accum_steps: int = 0  # micro-steps a step on each rank (0, published: 8 // WORLD_SIZE)
-    lr_warmup_steps: int = 0  # every LR rises linearly over these first steps (0, published: none)
     # study 02 training extras
-    late_qat_threshold: float = 0.15  # QAT switches on after the step whose LR multiplier fell below this
+    late_qat_threshold: float = 0.15  # QAT switches on after the step whose warmdown factor fell below this
+    late_qat_min_steps: int = 200  # under a wall-clock cap, not before this step (the warmdown is estimated)
+    qat_from_step: int = 0  # ours, 0 (off): late QAT as above; K: fake int6 from step K whatever the LR
     ema_decay: float = 0.0  # 0: off
     compile_model: int = -1  # -1: on for CUDA, off for CPU
     compile_backend: str = "inductor"  # tests use aot_eager: the same graphs, compiled quickly
@@ -131,87 +133,107 @@ class Hyperparameters:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
     prune_pct: float = 0.03
-    prune_nonzero: int = 0  # 0 (published): zero |q| <= the PRUNE_PCT quantile, zeros counted; 1: PRUNE_PCT of nonzeros
+    prune_nonzero: int = 0  # 0 (published): zero |q| <= the PRUNE_PCT quantile, zeros counted; 1: of nonzeros
     keep_float_max_numel: int = 65536  # float tensors this small skip quantisation (CPU-size runs lower it)
     submission_author: str = ""
     submission_name: str = ""
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> tuple["Hyperparameters", list[str]]:
-        """Parse env into a config; returns it and a list of warnings (likely misspellings)."""
+        """Parse env into a checked config; returns it and a list of warnings (none today)."""
         env = os.environ if env is None else env
         known = {f.name.upper(): f for f in fields(cls)}
-        values, warnings = {}, []
+        values = {}
         for name, f in known.items():
             if name not in env:
                 continue
             raw = env[name].strip()
             try:
-                values[f.name] = raw if f.type == "str" else (int(raw) if f.type == "int" else float(raw))
+                values[f.name] = raw if f.type == "str" else int(raw) if f.type == "int" else float(raw)
             except ValueError:
                 raise ConfigError(f"{name}={env[name]!r} is not a valid {f.type}") from None
         for name in env:
-            if name in known:
-                continue
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.88)
-            hint = f": did you mean {close[0]}?" if close else " (see the fields of Hyperparameters)"
-            if name.startswith(OWN_PREFIXES):
-                raise ConfigError(f"unknown variable {name}{hint}")
-            if close:
-                warnings.append(f"{name} is not a known variable{hint}")
+            if name not in known:
+                meant = meant_for_us(name, list(known))
+                if meant:
+                    raise ConfigError(f"unknown variable {name}{meant}")
         hp = cls(**values)
         hp.check()
-        return hp, warnings
+        return hp, []
 
     def check(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
-        for name in ("vocab_size", "train_seq_len", "train_batch_tokens", "model_dim", "num_heads",
-                     "num_kv_heads", "mlp_mult", "num_layers", "chunk_divisor", "eval_stride",
-                     "eval_batch_seqs", "gptq_block_size"):
-            need(getattr(self, name) > 0, f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
+
+        for name in ("vocab_size", "iterations", "train_seq_len", "train_batch_tokens", "model_dim", "num_heads",
+                     "num_kv_heads", "mlp_mult", "num_layers", "chunk_divisor", "eval_stride", "eval_batch_seqs",
+                     "gptq_block_size", "muon_backend_steps"):
+            value = getattr(self, name)
+            need(value > 0, f"{name.upper()} must be a positive integer, got {value}")
+        for name in ("warmdown_iters", "warmup_steps", "lr_warmup_steps", "val_loss_every", "train_log_every",
+                     "grad_accum_steps", "val_max_tokens", "muon_momentum_warmup_steps", "late_qat_min_steps",
+                     "qat_from_step", "checkpoint_every", "gptq_calib_batches", "keep_float_max_numel",
+                     "ratio_loss_weight", "grad_clip_norm", "gptq_reserve_seconds", "max_wallclock_seconds"):
+            value = getattr(self, name)
+            need(value >= 0, f"{name.upper()} must be >= 0, got {value}")
+        for name in SWITCHES:
+            need(getattr(self, name) in (0, 1), f"{name.upper()} must be 0 or 1, got {getattr(self, name)}")
+        for name, allowed in CHOICES.items():
+            need(getattr(self, name) in allowed,
+                 f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        need(self.compile_model in (-1, 0, 1), f"COMPILE_MODEL must be -1 (auto), 0 or 1, got {self.compile_model}")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
-        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS={self.num_heads}")
+        need(self.model_dim % self.num_heads == 0,
+             f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS={self.num_heads}")
         need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM // NUM_HEADS must be even (RoPE)")
-        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must divide by NUM_KV_HEADS={self.num_kv_heads}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"NUM_HEADS={self.num_heads} must divide by NUM_KV_HEADS={self.num_kv_heads}")
         need(0 <= 2 * self.outer_layers < self.num_layers,
              f"OUTER_LAYERS={self.outer_layers} leaves no main stage in NUM_LAYERS={self.num_layers}")
         need(self.target_avg_chunk_len > 1, f"TARGET_AVG_CHUNK_LEN must exceed 1, got {self.target_avg_chunk_len}")
-        need(0 < self.hnet_lr_diff, f"HNET_LR_DIFF must be positive, got {self.hnet_lr_diff}")
-        need(self.ratio_target_steps <= 0 or self.ratio_target_start > 1, "RATIO_TARGET_START must exceed 1 if it ramps")
-        need(self.outer_lr_mult > 0 and self.grad_accum_steps >= 0, "need OUTER_LR_MULT > 0 and GRAD_ACCUM_STEPS >= 0")
+        need(self.hnet_lr_diff > 0, f"HNET_LR_DIFF must be positive, got {self.hnet_lr_diff}")
+        need(0 <= self.late_qat_threshold <= 1,
+             f"LATE_QAT_THRESHOLD must be in [0, 1] (a fraction of the LR), got {self.late_qat_threshold}")
         need(self.eval_stride <= self.train_seq_len, f"EVAL_STRIDE={self.eval_stride} exceeds TRAIN_SEQ_LEN")
         need(0 <= self.prune_pct < 1, f"PRUNE_PCT must be in [0, 1), got {self.prune_pct}")
         need(0 <= self.ema_decay < 1, f"EMA_DECAY must be in [0, 1), got {self.ema_decay}")
-        for name, allowed in CHOICES.items():
-            need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        need(self.gptq_damp > 0, f"GPTQ_DAMP must be positive, got {self.gptq_damp}")
         formats = self.export_formats.split(",")
         need(len(formats) == len(set(formats)) and set(formats) <= {"int8", "int6"},
              f"EXPORT_FORMATS={self.export_formats!r}: expected int8, int6 or int8,int6")
-        need(self.gptq_calib_batches >= 0 and self.gptq_reserve_seconds >= 0,
-             "GPTQ_CALIB_BATCHES and GPTQ_RESERVE_SECONDS must be >= 0")
         if self.max_wallclock_seconds > 0 and self.reserve_seconds > 0:
             need(self.max_wallclock_seconds > self.reserve_seconds,
                  f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} leaves no training time after "
                  f"GPTQ_RESERVE_SECONDS={self.reserve_seconds:g}; raise the cap or lower the reserve")
-        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0: no cap)")
 
     @property
     def is_hnet(self) -> bool:
         return self.outer_layers > 0
+
     @property
     def uses_sentencepiece(self) -> bool:
         return self.tokenizer_path.endswith(".model")
+
     @property
     def formats(self) -> list[str]:
         return self.export_formats.split(",")
+
     @property
     def uses_gptq(self) -> bool:
         return "int6" in self.formats and self.gptq_calib_batches > 0
+
     @property
     def reserve_seconds(self) -> float:  # training time kept back for GPTQ calibration, when it runs
         return self.gptq_reserve_seconds if self.uses_gptq else 0.0
+
+def meant_for_us(name: str, known: list[str]) -> str:
+    """Why an unknown variable must be a mistake ("" if it need not be ours): the hint to print."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+    close = close or [k for k in known if "_" in name and k.endswith("_" + name)]
+    if close:
+        return f": did you mean {close[0]}?"
+    return " (see the fields of Hyperparameters)" if name.startswith(OWN_PREFIXES) else ""
 
 class ConfigError(ValueError):
     """A configuration or input problem; the message names the variable or file."""
@@ -221,6 +243,7 @@ class NonFiniteScore(ValueError):
 
 class TrainingStopped(RuntimeError):
     """A run stopped early (NaN loss, signal); carries the process exit code."""
+
     def __init__(self, msg: str, exit_code: int):
         super().__init__(msg)
         self.exit_code = exit_code
@@ -250,6 +273,7 @@ class Muon(torch.optim.Optimizer):
                  world_size: int, ns_dtype: torch.dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
         self.rank, self.world_size, self.ns_dtype = rank, world_size, ns_dtype
+
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
@@ -278,8 +302,8 @@ class Muon(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------------
 
 class ByteLuts(NamedTuple):
-    base_bytes: Tensor  # (V,) int64 UTF-8 bytes of the piece without its leading "▁"
-    has_leading_space: Tensor  # (V,) bool, piece starts with "▁" (one more byte unless after a control token)
+    base_bytes: Tensor  # (V,) int64 UTF-8 bytes the piece decodes to, without its leading "▁"
+    has_leading_space: Tensor  # (V,) bool, starts with "▁" (one more byte unless after a control token)
     is_control: Tensor  # (V,) bool, control/unknown/unused ids (count 0, and no space after them)
 
 def build_byte_luts(hp: Hyperparameters, device: torch.device) -> ByteLuts:
@@ -306,13 +330,16 @@ def build_byte_luts(hp: Hyperparameters, device: torch.device) -> ByteLuts:
     return ByteLuts(*(torch.from_numpy(a).to(device) for a in (base, lead, control)))
 
 def piece_bytes(piece: str) -> tuple[bool, int]:
-    """(has a leading "▁", UTF-8 bytes of the rest): exactly one "▁" stands for the space."""
+    """(has a leading "▁", UTF-8 bytes of the rest). SentencePiece decodes every "▁" to a space:
+    the leading one may vanish (after BOS, see target_bytes), each later one is one byte."""
     lead = piece.startswith("\u2581")
-    return lead, len((piece[1:] if lead else piece).encode("utf-8"))
+    rest = piece[1:] if lead else piece
+    return lead, len(rest.replace("\u2581", " ").encode("utf-8"))
 
 def target_bytes(luts: ByteLuts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
     """UTF-8 bytes each target stands for, given the token before it. Shapes (B, L)."""
-    return luts.base_bytes[target_ids] + (luts.has_leading_space[target_ids] & ~luts.is_control[prev_ids]).long()
+    space = luts.has_leading_space[target_ids] & ~luts.is_control[prev_ids]
+    return luts.base_bytes[target_ids] + space.long()
 
 class EvalResult(NamedTuple):
     val_loss: float  # mean nats per scored token
@@ -346,7 +373,8 @@ def evaluate_bpb(model: nn.Module, rt: "Runtime", hp: Hyperparameters, val_token
     positions = torch.arange(seq_len, device=rt.device)
     for i in range(0, len(mine), hp.eval_batch_seqs):
         # the last batch is padded with unscored windows: one shape, no recompile for the tail
-        batch = mine[i:i + hp.eval_batch_seqs] + [(0, seq_len)] * max(0, i + hp.eval_batch_seqs - len(mine))
+        pad = max(0, i + hp.eval_batch_seqs - len(mine))
+        batch = mine[i:i + hp.eval_batch_seqs] + [(0, seq_len)] * pad
         span = torch.stack([val_tokens[s:s + seq_len + 1] for s, _ in batch]).to(rt.device, torch.int64)
         x, y = span[:, :-1], span[:, 1:]
         first = torch.tensor([f for _, f in batch], device=rt.device)
@@ -460,7 +488,10 @@ def quantize_int6_matrix(w: Tensor, hessian: Tensor | None, hp: Hyperparameters)
         if hessian is not None:
             q = gptq_quantize_int6(w, hessian, s, hp.gptq_block_size, hp.gptq_damp)
         d = w - q.float() * s.float()[:, None]
-        err = ((d @ hessian.float()) * d).sum(dim=1) if per_row and hessian is not None else d.square().sum(dim=1)
+        if per_row and hessian is not None:
+            err = ((d @ hessian.float()) * d).sum(dim=1)
+        else:
+            err = d.square().sum(dim=1)
         if not per_row:
             err = err.sum().expand(w.size(0))  # one choice for the whole matrix
         if best_err is None:
@@ -530,25 +561,36 @@ def tensors_digest(tensors: dict) -> str:
     for name in sorted(tensors):
         for key, v in sorted(tensors[name].items()):
             t = v if isinstance(v, Tensor) else torch.tensor(v)
-            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode() + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
-    return {name: e["q"].float() * e["scale"].float()[:, None] if "q" in e else e["w"].float()
-            if e["w"].is_floating_point() else e["w"] for name, e in payload["tensors"].items()}
+    out = {}
+    for name, e in payload["tensors"].items():
+        if "q" in e:
+            out[name] = e["q"].float() * e["scale"].float()[:, None]
+        else:
+            out[name] = e["w"].float() if e["w"].is_floating_point() else e["w"]
+    return out
 
 def compress(payload: dict, fmt: str) -> bytes:
     """A plain zlib or zstd stream, each checksummed (zlib's adler32; zstd's content checksum, on)."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     raw = buf.getvalue()
-    return zlib.compress(raw, 9) if fmt == "int8" else zstandard.ZstdCompressor(level=22, write_checksum=True).compress(raw)
+    if fmt == "int8":
+        return zlib.compress(raw, 9)
+    return zstandard.ZstdCompressor(level=22, write_checksum=True).compress(raw)
 
 def read_artifact(path: str | Path) -> dict:
     """Decompress (zstd or zlib by magic bytes), unpickle tensors only, check them against the digest."""
     blob = Path(path).read_bytes()
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == b"\x28\xb5\x2f\xfd" else zlib.decompress(blob)
+        if blob[:4] == b"\x28\xb5\x2f\xfd":
+            raw = zstandard.ZstdDecompressor().decompress(blob)
+        else:
+            raw = zlib.decompress(blob)
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # zlib.error, zstandard.ZstdError (bad data or checksum), unpickling errors
         raise ConfigError(f"{path}: not a readable artifact (corrupt or truncated?): {e}") from None
@@ -577,7 +619,8 @@ def save_atomic(obj, path: str | Path) -> None:
     write_atomic(path, buf.getvalue())
 
 def model_from_payload(payload: dict, device: torch.device) -> "HNet":
-    hp = Hyperparameters(**{k: v for k, v in payload["config"].items() if k in {f.name for f in fields(Hyperparameters)}})
+    names = {f.name for f in fields(Hyperparameters)}
+    hp = Hyperparameters(**{k: v for k, v in payload["config"].items() if k in names})
     model = HNet(hp).to(device)
     try:
         model.load_state_dict(dequantize_state_dict(payload), strict=True)
@@ -622,28 +665,46 @@ def shard_files(hp: Hyperparameters, split: str) -> list[str]:
     expected = [os.path.join(hp.data_path, f"fineweb_{split}_{i:06d}.bin") for i in range(len(files))]
     if files != expected:
         missing = sorted(set(expected) - set(files))
-        raise ConfigError(f"DATA_PATH={hp.data_path}: the {split} shards are not numbered 0..{len(files) - 1}"
-                          f"{f' (missing {os.path.basename(missing[0])})' if missing else ''}: an incomplete copy?")
+        gap = f" (missing {os.path.basename(missing[0])})" if missing else ""
+        raise ConfigError(f"DATA_PATH={hp.data_path}: the {split} shards are not numbered "
+                          f"0..{len(files) - 1}{gap}: an incomplete copy?")
     return files
 
-def check_manifest(hp: Hyperparameters, val_counts: list[int]) -> list[str]:
-    """Compare the shards with the exporter's or downloader's DATA_PATH/../../manifest.json: no
-    entry (an interrupted export) or another val split is an error, no manifest a warning."""
+def check_manifest(hp: Hyperparameters, val_counts: list[int], tokenizer: dict) -> list[str]:
+    """Compare the shards and TOKENIZER_PATH with the exporter's or downloader's manifest.json
+    (DATA_PATH/../../): no entry (an interrupted export), another val split or another tokenizer
+    than the one the shards were made with is an error; no manifest is a warning."""
     path, name = Path(hp.data_path).resolve().parent.parent / "manifest.json", Path(hp.data_path).resolve().name
     if not path.is_file():
-        return [f"no manifest.json at {path}: cannot check that {name} is a complete export"]
+        return [f"no manifest.json at {path}: cannot check that {name} is a complete export of this tokenizer"]
     try:
-        stats = {d.get("name"): d.get("stats", {}) for d in json.loads(path.read_text()).get("datasets", [])}
+        manifest = json.loads(path.read_text())
+        datasets = {d.get("name"): d for d in manifest.get("datasets", [])}
+        tokenizers = {t.get("name"): t for t in manifest.get("tokenizers", [])}
     except (ValueError, AttributeError) as e:
         raise ConfigError(f"{path}: not a readable manifest ({e})") from None
-    if name not in stats:
+    if name not in datasets:
         raise ConfigError(f"{path} lists no dataset {name}: its export did not finish (or was interrupted); "
                           "run the exporter again")
+    stats = datasets[name].get("stats", {})
     have = {"files_val": len(val_counts), "tokens_val": sum(val_counts), "files_train": len(shard_files(hp, "train"))}
     for key, n in have.items():  # fewer train shards is fine: the downloader's --train-shards
-        want = stats[name].get(key)
+        want = stats.get(key)
         if want is not None and (n > want if key == "files_train" else n != want):
             raise ConfigError(f"DATA_PATH={hp.data_path}: {key} is {n:,}, {path} says {want:,}")
+    entry = tokenizers.get(datasets[name].get("tokenizer_name"), {})
+    kind = "sentencepiece" if "model_path" in entry or entry.get("kind", "").startswith("sentencepiece") else "byte"
+    if entry and kind != tokenizer["kind"].replace("byte260", "byte"):
+        raise ConfigError(f"{name} was made with a {kind} tokenizer ({path}), but TOKENIZER_PATH="
+                          f"{hp.tokenizer_path!r} is a {tokenizer['kind']} one")
+    if tokenizer["kind"] != "sentencepiece":
+        return []
+    if "sha256" not in entry:
+        return [f"{path} records no sha256 for {name}'s tokenizer: cannot check that TOKENIZER_PATH is the one "
+                "its shards were made with (export again to record it)"]
+    if entry["sha256"] != tokenizer["sha256"]:
+        raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path} (sha256 {tokenizer['sha256'][:12]}) is not the "
+                          f"tokenizer {name} was made with ({path}: {entry['sha256'][:12]}); the BPB would be wrong")
     return []
 
 def tokenizer_fingerprint(hp: Hyperparameters) -> dict:
@@ -654,21 +715,26 @@ def tokenizer_fingerprint(hp: Hyperparameters) -> dict:
 
 class TokenStream:
     """The train shards as one endless stream; (file index, position) is its whole state."""
+
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
         self.load_state({"file": 0, "pos": 0})
+
     def state(self) -> dict:
         return {"file": self.file, "pos": self.pos}
+
     def load_state(self, state: dict) -> None:
         self.file, self.pos = state["file"], state["pos"]
         self.tokens = load_data_shard(self.files[self.file], self.vocab_size)
+
     def take(self, n: int) -> Tensor:
         parts = []
         while n > 0:
             if self.pos >= self.tokens.numel():
                 self.load_state({"file": (self.file + 1) % len(self.files), "pos": 0})
                 continue
-            parts.append(part := self.tokens[self.pos:self.pos + n])
+            part = self.tokens[self.pos:self.pos + n]
+            parts.append(part)
             self.pos += part.numel()
             n -= part.numel()
         return torch.cat(parts)
@@ -688,23 +754,28 @@ class DistributedTokenLoader:
         local = local.to(torch.int64)
         return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
 
-# The split (cut to VAL_MAX_TOKENS + 1 if set), its fingerprint (tokenizer, shard names and counts,
-# sha256 of the whole split) and the manifest's warnings.
-Validation = NamedTuple("Validation", [("tokens", Tensor), ("fingerprint", dict), ("warnings", list)])
+class Validation(NamedTuple):
+    tokens: Tensor  # the split, cut to VAL_MAX_TOKENS + 1 if set
+    fingerprint: dict  # tokenizer, shard names and counts, sha256 of the whole split
+    warnings: list
 
 def load_validation(hp: Hyperparameters) -> Validation:
     """The val split, checked against the manifest and the tokenizer before any cut."""
     files = shard_files(hp, "val")
     parts = [load_data_shard(f, hp.vocab_size) for f in files]
-    warnings = check_manifest(hp, [t.numel() for t in parts])
+    tokenizer = tokenizer_fingerprint(hp)
+    warnings = check_manifest(hp, [t.numel() for t in parts], tokenizer)
     tokens = torch.cat(parts)
     if hp.uses_sentencepiece and tokens.numel() > 100_000 and int(tokens.max()) < 260:
         raise ConfigError(f"DATA_PATH={hp.data_path} holds only ids < 260 (byte260 data?) "
                           f"but TOKENIZER_PATH={hp.tokenizer_path} is a SentencePiece model")
-    fingerprint = {"tokenizer": tokenizer_fingerprint(hp),
+    sha = hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()
+    fingerprint = {"tokenizer": tokenizer,
                    "val": {"shards": [os.path.basename(f) for f in files], "tokens": [t.numel() for t in parts],
-                           "sha256": hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()}}
-    if hp.val_max_tokens > 0:
+                           "sha256": sha}}
+    if hp.val_max_tokens > 0 and hp.val_max_tokens + 1 < tokens.numel():
+        warnings.append(f"VAL_MAX_TOKENS={hp.val_max_tokens}: every score covers the first {hp.val_max_tokens:,} "
+                        f"of {tokens.numel() - 1:,} validation targets, not the whole split")
         tokens = tokens[:hp.val_max_tokens + 1]
     return Validation(tokens, fingerprint, warnings)
 
@@ -739,7 +810,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        angles = torch.outer(torch.arange(length, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq)
         return angles.cos().to(dtype)[None, None], angles.sin().to(dtype)[None, None]
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -768,7 +840,8 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(length, q.dtype)
         q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(b, length, d))
 
 class MLP(nn.Module):
@@ -798,11 +871,13 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """Blocks with U-Net skips: the first half push their outputs, the second half add them back
     (popped, weighted per channel). Input and output are RMS-normalised."""
+
     def __init__(self, hp: Hyperparameters, num_blocks: int):
         super().__init__()
         self.num_push = num_blocks // 2
         self.blocks = nn.ModuleList(Block(hp) for _ in range(num_blocks))
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_push, num_blocks - self.num_push), hp.model_dim))
+        num_skips = min(self.num_push, num_blocks - self.num_push)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x0 = F.rms_norm(x, (x.size(-1),))
@@ -835,7 +910,6 @@ class HNet(nn.Module):
             self.dechunk = DeChunkLayer()
             self.residual_proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
             self.decoder = Stage(hp, hp.outer_layers)
-            self.register_buffer("ratio_target", torch.tensor(hp.target_avg_chunk_len), persistent=False)
         else:
             self.main = Stage(hp, hp.num_layers)
 
@@ -852,22 +926,21 @@ class HNet(nn.Module):
     def hidden_states(self, input_ids: Tensor, dynamic_cap: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """Final hidden states (B, L, D), the ratio loss and the boundary mask (None for a GPT)."""
         x = self.tok_emb(input_ids)
-        ratio, boundary_mask = torch.zeros((), device=x.device), None
-        if self.hp.is_hnet:
-            h = self.encoder(x)  # (B, L, D)
-            router = self.routing(h)
-            cap = int(router.boundary_mask.sum(1).max()) if dynamic_cap else max(1, x.size(1) // self.hp.chunk_divisor)
-            chunks = self.chunk(h, router, cap)
-            z = self.main(ScaleGrad.apply(chunks.hidden, 1.0 / self.hp.hnet_lr_diff))  # (B, C, D)
-            up = self.dechunk(z, chunks.probs, chunks.chunk_index)  # (B, L, D)
-            x = ste_one(router.selected_probs)[..., None].to(up.dtype) * up + self.residual_proj(h)
-            x = self.decoder(ScaleGrad.apply(x, self.hp.hnet_lr_diff))
-            n = self.ratio_target if self.hp.ratio_target_steps > 0 else self.hp.target_avg_chunk_len
-            ratio = ratio_loss(router, n, bool(self.hp.ratio_loss_per_seq))
-            boundary_mask = router.boundary_mask
+        if not self.hp.is_hnet:
+            return self.main(x), torch.zeros((), device=x.device), None
+        h = self.encoder(x)  # (B, L, D)
+        router = self.routing(h)
+        if dynamic_cap:
+            cap = int(router.boundary_mask.sum(1).max())
         else:
-            x = self.main(x)
-        return x, ratio, boundary_mask
+            cap = max(1, x.size(1) // self.hp.chunk_divisor)
+        chunks = self.chunk(h, router, cap)
+        z = self.main(ScaleGrad.apply(chunks.hidden, 1.0 / self.hp.hnet_lr_diff))  # (B, C, D)
+        up = self.dechunk(z, chunks.probs, chunks.chunk_index)  # (B, L, D)
+        x = ste_one(router.selected_probs)[..., None].to(up.dtype) * up + self.residual_proj(h)
+        x = self.decoder(ScaleGrad.apply(x, self.hp.hnet_lr_diff))
+        ratio = ratio_loss(router, self.hp.target_avg_chunk_len, bool(self.hp.ratio_loss_per_seq))
+        return x, ratio, router.boundary_mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -900,7 +973,7 @@ class RoutingModule(nn.Module):
         return RoutingModuleOutput(p, mask, torch.where(mask, p, 1 - p))
 
 class ChunkOutput(NamedTuple):
-    hidden: Tensor  # (B, C) x D: encoder states at the first C boundaries, zero-padded
+    hidden: Tensor  # (B, C, D) encoder states at the first C boundaries, zero-padded
     probs: Tensor  # (B, C) boundary_prob there (0 on padding)
     chunk_index: Tensor  # (B, L) chunk each position reads: boundaries at or before it, minus 1, < C
 
@@ -939,10 +1012,12 @@ class DeChunkLayer(nn.Module):
 
 class ScaleGrad(torch.autograd.Function):
     """Identity forward, gradient times `scale` backward (H-Net's per-stage learning-rate split)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
         return x.view_as(x)
+
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad * ctx.scale, None
@@ -951,7 +1026,7 @@ def ste_one(c: Tensor) -> Tensor:
     """Forward value exactly 1 (c - c is exactly 0), gradient passed to c."""
     return 1.0 + (c - c.detach())
 
-def ratio_loss(router: RoutingModuleOutput, n: float | Tensor, per_seq: bool) -> Tensor:
+def ratio_loss(router: RoutingModuleOutput, n: float, per_seq: bool) -> Tensor:
     """H-Net's ratio loss: 1 when both the hard boundary fraction F and the mean probability G
     equal 1/N, larger otherwise; only G carries gradient. per_seq (the published studies): F and
     G of each sequence, losses averaged; otherwise F and G over the whole batch (the paper)."""
@@ -980,22 +1055,26 @@ class Runtime:
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
     @property
     def master(self) -> bool:
         return self.rank == 0
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-def setup_device(hp: Hyperparameters) -> Runtime:
+def setup_device(hp: Hyperparameters, train: bool = True) -> Runtime:
     """Decide everything device-specific once: NCCL + bf16 + compile on CUDA, gloo + fp32 on CPU.
-    AUTOCAST=bf16 on CPU runs the CUDA precision path (bf16 autocast, bf16 Newton-Schulz)."""
+    AUTOCAST=bf16 on CPU runs the CUDA precision path (bf16 autocast, bf16 Newton-Schulz).
+    train=False (evaluation only): any world size, no batch split to check."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if 8 % world_size and not hp.grad_accum_steps:
-        raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (grad accumulation is 8 / WORLD_SIZE)")
-    accum = hp.grad_accum_steps or 8 // world_size
-    if hp.train_batch_tokens % (world_size * accum * hp.train_seq_len):
+    accum = hp.grad_accum_steps or max(1, 8 // world_size)
+    if train and 8 % world_size and not hp.grad_accum_steps:
+        raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (grad accumulation is 8 / WORLD_SIZE), "
+                          "or set GRAD_ACCUM_STEPS")
+    if train and hp.train_batch_tokens % (world_size * accum * hp.train_seq_len):
         raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of WORLD_SIZE * "
                           f"grad accumulation * TRAIN_SEQ_LEN = {world_size * accum * hp.train_seq_len}")
     if torch.cuda.is_available():
@@ -1040,6 +1119,7 @@ class Run:
     data: dict  # tokenizer and validation fingerprints, recorded in every artifact
     step: int = 0
     training_time_ms: float = 0.0  # agreed across ranks, validation and checkpoints excluded
+    calibration_ms: float = 0.0  # GPTQ's reading of training data after the loop (inside the budget)
     ema: dict | None = None
     qat: bool = False
     signal_received: int = 0
@@ -1055,37 +1135,49 @@ def build_optimizers(model: HNet, hp: Hyperparameters, rt: Runtime) -> list:
     def adam(params, lr):
         return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(hp.beta1, hp.beta2),
                                 eps=hp.adam_eps, weight_decay=0.0, fused=True)
-    groups = [{"params": matrices, "base_lr": hp.matrix_lr}]
-    if hp.is_hnet and hp.outer_lr_mult != 1:  # two groups: the main stage's matrices, and the rest
-        main = {id(m.weight) for m in model.main.modules() if isinstance(m, CastedLinear)}
-        groups = [{"params": [p for p in matrices if id(p) in main], "base_lr": hp.matrix_lr},
-                  {"params": [p for p in matrices if id(p) not in main], "base_lr": hp.matrix_lr * hp.outer_lr_mult}]
-    muon = Muon(groups, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank, rt.world_size,
-                rt.autocast_dtype or torch.float32)
-    return [adam([model.tok_emb.weight], hp.tied_embed_lr), muon, adam(scalars, hp.scalar_lr)]
 
-def ratio_target(hp: Hyperparameters, step: int) -> float:
-    """The ratio loss's N at training step `step` (from 0): fine chunks first, then the target."""
-    frac = min(step / hp.ratio_target_steps, 1.0) if hp.ratio_target_steps > 0 else 1.0
-    return (1 - frac) * hp.ratio_target_start + frac * hp.target_avg_chunk_len
+    muon = Muon([{"params": matrices, "base_lr": hp.matrix_lr}], hp.matrix_lr, hp.muon_momentum,
+                hp.muon_backend_steps, rt.rank, rt.world_size, rt.autocast_dtype or torch.float32)
+    return [adam([model.tok_emb.weight], hp.tied_embed_lr), muon, adam(scalars, hp.scalar_lr)]
 
 def training_cap_ms(hp: Hyperparameters) -> float:
     """Wall-clock budget for the training loop (0: none); GPTQ's calibration comes out of the same
     budget when it runs, so the reserve is only taken then."""
-    return 1000.0 * (hp.max_wallclock_seconds - hp.reserve_seconds) if hp.max_wallclock_seconds > 0 else 0.0
+    if hp.max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000.0 * (hp.max_wallclock_seconds - hp.reserve_seconds)
 
-def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float) -> float:
+class LrSchedule(NamedTuple):
+    lr: float  # what every base LR is multiplied by at this step
+    warmdown: float  # the warmdown factor alone: 1 until the warmdown starts, never the LR warmup
+    warmdown_by_steps: float  # the part of it counted in steps (exact; the rest is a clock estimate)
+
+def lr_schedule(hp: Hyperparameters, step: int, elapsed_ms: float) -> LrSchedule:
     """Linear warmup over LR_WARMUP_STEPS (ours; published: none); linear warmdown to 0 over the last
     WARMDOWN_ITERS steps, or, under a wall-clock cap, the last WARMDOWN_ITERS x (mean step time)."""
     warm = min((step + 1) / hp.lr_warmup_steps, 1.0) if hp.lr_warmup_steps > 0 else 1.0
-    if hp.warmdown_iters <= 0:
-        return warm
-    mul = min(max((hp.iterations - step) / hp.warmdown_iters, 0.0), warm)
-    cap_ms = training_cap_ms(hp)
-    if cap_ms > 0 and step > 0:
-        warmdown_ms = hp.warmdown_iters * elapsed_ms / step
-        mul = min(mul, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
-    return mul
+    by_steps = down = 1.0
+    if hp.warmdown_iters > 0:
+        by_steps = down = min(max((hp.iterations - step) / hp.warmdown_iters, 0.0), 1.0)
+        cap_ms = training_cap_ms(hp)
+        if cap_ms > 0 and step > 0:
+            warmdown_ms = hp.warmdown_iters * elapsed_ms / step
+            down = min(down, max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
+    return LrSchedule(min(warm, down), down, by_steps)
+
+def qat_due(hp: Hyperparameters, next_step: int, sched: LrSchedule | None) -> bool:
+    """Whether step `next_step` (from 0) and every later one train on fake int6 weights. Late QAT
+    (published): after the step whose warmdown factor fell below LATE_QAT_THRESHOLD; the LR warmup
+    never counts, and a wall-clock estimate counts only from LATE_QAT_MIN_STEPS, since it is made
+    from the mean step time and one slow early step can put it below any threshold, which would
+    latch QAT for a whole 4-hour run. QAT_FROM_STEP=K (ours): from step K (from 1) on."""
+    if hp.qat_from_step > 0:
+        return next_step + 1 >= hp.qat_from_step
+    if sched is None or hp.late_qat_threshold <= 0:
+        return False
+    if sched.warmdown_by_steps < hp.late_qat_threshold:
+        return True
+    return sched.warmdown < hp.late_qat_threshold and next_step >= hp.late_qat_min_steps
 
 def all_reduce_grads(model: nn.Module, rt: Runtime) -> None:
     params = list(model.parameters())
@@ -1110,17 +1202,22 @@ def refresh_qat(model: nn.Module, on: bool, floor: bool) -> None:
             else:
                 m.qat_delta.zero_()
 
-# One step's global sums, the slowest rank's clock at the step's gate (ms) and any rank's signal.
-StepStats = NamedTuple("StepStats", [(name, float) for name in (
-    "ce", "ratio", "chunks", "bytes", "micro_steps", "nonfinite", "clock_ms", "signal")])
+class StepStats(NamedTuple):
+    """One step's global sums, the slowest rank's clock at the step's gate (ms) and any rank's signal."""
+    ce: float
+    ratio: float
+    chunks: float
+    bytes: float
+    micro_steps: float
+    nonfinite: float
+    clock_ms: float
+    signal: float
 
 def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
     """One optimizer step at LR multiplier `mul`. Stats, the ranks' clocks (time since the previous
     gate) and signals cross to the host in one copy, the gate, before the update; not finite: no update."""
     hp, rt = run.hp, run.rt
     stats = torch.zeros(6, device=rt.device, dtype=torch.float64)
-    if hp.is_hnet and hp.ratio_target_steps > 0:
-        run.model.ratio_target.fill_(ratio_target(hp, run.step))
     for _ in range(rt.grad_accum_steps):
         x, y = run.loader.next_batch()
         with rt.autocast():
@@ -1130,9 +1227,9 @@ def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
         (loss / rt.grad_accum_steps).backward()
         chunks = out.boundary_mask.sum() if out.boundary_mask is not None else (x >= 0).sum()
         in_bytes = (run.luts.base_bytes[x] + run.luts.has_leading_space[x].long()).sum()
+        one = torch.ones((), device=rt.device, dtype=torch.float64)
         stats += torch.stack((ce.detach().double(), out.ratio_loss.detach().double(), chunks.double(),
-                              in_bytes.double(), torch.ones((), device=rt.device, dtype=torch.float64),
-                              (~torch.isfinite(loss.detach())).double()))
+                              in_bytes.double(), one, (~torch.isfinite(loss.detach())).double()))
     all_reduce_grads(run.model, rt)
     now = time.perf_counter()
     clock = torch.tensor([run.training_time_ms + 1000 * (now - gate), float(run.signal_received)],
@@ -1163,7 +1260,11 @@ def train_step(run: Run, mul: float, gate: float) -> tuple[StepStats, float]:
     return host, now
 
 def checkpoint_state(run: Run) -> dict:
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Everything a resume needs, in types that torch.load(weights_only=True) reads back."""
+    np_state = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                     "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
     if run.rt.is_cuda:
         rng["cuda"] = torch.cuda.get_rng_state()
     return {"model": run.model.state_dict(), "optimizers": [o.state_dict() for o in run.optimizers],
@@ -1183,23 +1284,34 @@ def save_checkpoint(run: Run) -> Path:
 SHAPE_FIELDS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "num_layers", "outer_layers",
                 "train_seq_len", "train_batch_tokens", "chunk_divisor")
 
-def restore_state(run: Run, state: dict) -> None:
-    """Put a checkpoint_state() back: weights, optimisers, data position, clock, EMA, QAT, RNG."""
+def restore_state(run: Run, state: dict) -> str:
+    """Put a checkpoint_state() back: weights, optimisers, data position, clock, EMA, QAT, RNG.
+    EMA follows this run's EMA_DECAY; returns what that changed ("" if nothing)."""
     run.model.load_state_dict(state["model"])
     for opt, s in zip(run.optimizers, state["optimizers"]):
         opt.load_state_dict(s)
     run.loader.stream.load_state(state["loader"])
-    run.step, run.training_time_ms, run.ema, run.qat = state["step"], state["training_time_ms"], state["ema"], state["qat"]
+    run.step, run.training_time_ms, run.qat = state["step"], state["training_time_ms"], state["qat"]
+    run.ema, note = state["ema"], ""
+    if run.hp.ema_decay > 0 and run.ema is None:
+        run.ema = {k: v.detach().float().clone() for k, v in run.model.state_dict().items()}
+        note = f"ema: the checkpoint has no EMA; EMA_DECAY={run.hp.ema_decay:g} starts it from the resumed weights"
+    elif run.hp.ema_decay <= 0 and run.ema is not None:
+        run.ema, note = None, "ema: EMA_DECAY=0, so the checkpoint's EMA weights are dropped"
     refresh_qat(run.model, run.qat, bool(run.hp.quant_scale_floor))
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if run.rt.is_cuda and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    np_state = rng["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    random.setstate(rng["python"])
+    if run.rt.is_cuda and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    return note
 
 def load_checkpoint(run: Run, path: str) -> None:
     try:
-        state = torch.load(path, map_location=run.rt.device, weights_only=False)
+        state = torch.load(path, map_location=run.rt.device, weights_only=True)
     except Exception as e:
         raise ConfigError(f"RESUME_FROM={path}: unreadable checkpoint: {e}") from None
     for name in SHAPE_FIELDS:
@@ -1208,8 +1320,10 @@ def load_checkpoint(run: Run, path: str) -> None:
                               f"this run has {getattr(run.hp, name)}")
     if state.get("data", {}).get("tokenizer", run.data["tokenizer"]) != run.data["tokenizer"]:
         raise ConfigError(f"RESUME_FROM={path} was trained with another tokenizer ({state['data']['tokenizer']})")
-    restore_state(run, state)
+    note = restore_state(run, state)
     run.log(f"resumed_from:{path} step:{run.step} train_time:{run.training_time_ms:.0f}ms")
+    if note:
+        run.log(note)
 
 def prime_compile(run: Run) -> None:
     """Run WARMUP_STEPS real steps so compilation and allocator warm-up happen off the clock, then
@@ -1224,51 +1338,78 @@ def prime_compile(run: Run) -> None:
                                   "trained", 128 + run.signal_received)
     restore_state(run, snapshot)
     run.model.zero_grad(set_to_none=True)
-    run.log(f"warmup_steps:{run.hp.warmup_steps} done (undone: weights, optimisers, data, RNG restored)")
+    run.log(f"warmup_steps:{run.hp.warmup_steps} done (compile priming, undone: weights, optimisers, data, "
+            "RNG restored)")
+
+def start_qat_if_due(run: Run, sched: LrSchedule | None) -> None:
+    if run.qat or not qat_due(run.hp, run.step, sched):
+        return
+    run.qat = True
+    refresh_qat(run.model, True, bool(run.hp.quant_scale_floor))
+    if run.hp.qat_from_step > 0:
+        run.log(f"qat: on from step {run.step + 1} (QAT_FROM_STEP={run.hp.qat_from_step}, whatever the LR)")
+    else:
+        run.log(f"late_qat: on from step {run.step + 1} (warmdown factor {sched.warmdown:.4f}, "
+                f"lr multiplier {sched.lr:.4f})")
+
+def log_eta(run: Run) -> None:
+    """After the first steps: how long the run will train on this machine at their pace."""
+    hp, ms = run.hp, run.training_time_ms / run.step
+    total_s = hp.iterations * ms / 1000
+    line = f"eta: {hp.iterations} steps at {ms:.0f} ms/step is about {total_s / 60:.1f} min of training here"
+    cap_ms = training_cap_ms(hp)
+    if 0 < cap_ms < hp.iterations * ms:
+        line += f"; the wall-clock cap ({cap_ms / 1000:g}s of training) stops it first, near step {cap_ms / ms:.0f}"
+    run.log(line)
 
 def train(run: Run) -> None:
-    hp, rt, log = run.hp, run.rt, run.log
+    hp, log = run.hp, run.log
     cap_ms = training_cap_ms(hp)
     capped = cap_ms > 0 and run.training_time_ms >= cap_ms  # a resumed finished run goes straight to export
+    eta_step = min(10, hp.iterations)
     gate = time.perf_counter()  # host time of the last step's gate; pauses are added to it
+    start_qat_if_due(run, None)
     while True:
         last = run.step >= hp.iterations or capped
         if last or (hp.val_loss_every > 0 and run.step % hp.val_loss_every == 0):
             t0 = time.perf_counter()
-            res = evaluate_bpb(run.compiled, rt, hp, run.val_tokens, run.luts)
+            res = evaluate_bpb(run.compiled, run.rt, hp, run.val_tokens, run.luts)
             run.last_eval = (run.step, res)
             log(f"step:{run.step}/{hp.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
-                f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / max(run.step, 1):.2f}ms")
+                f"train_time:{run.training_time_ms:.0f}ms "
+                f"step_avg:{run.training_time_ms / max(run.step, 1):.2f}ms")
             gate += time.perf_counter() - t0  # validation is off the clock
         if last:
             break
-        mul = lr_multiplier(hp, run.step, run.training_time_ms)
-        stats, gate = train_step(run, mul, gate)
+        sched = lr_schedule(hp, run.step, run.training_time_ms)
+        stats, gate = train_step(run, sched.lr, gate)
         if stats.nonfinite > 0:
             ckpts = sorted((run.run_dir / "checkpoints").glob("step_*.pt"))
             keep = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
             raise TrainingStopped(f"non-finite loss at step {run.step + 1}; the update was not applied; {keep}", 3)
         run.training_time_ms = stats.clock_ms
         run.step += 1
-        if not run.qat and hp.late_qat_threshold > 0 and mul < hp.late_qat_threshold:
-            run.qat = True  # as published: on after the step whose multiplier fell below the threshold
-            refresh_qat(run.model, True, bool(hp.quant_scale_floor))
-            log(f"late_qat: on from step {run.step + 1} (lr multiplier {mul:.4f})")
+        start_qat_if_due(run, sched)
         if hp.train_log_every > 0 and (run.step % hp.train_log_every == 0 or run.step <= 10):
-            log(f"step:{run.step}/{hp.iterations} train_loss:{stats.ce / stats.micro_steps:.4f} "
-                f"ratio_loss:{stats.ratio / stats.micro_steps:.4f} bytes_per_chunk:{stats.bytes / max(stats.chunks, 1):.2f} "
+            n = stats.micro_steps
+            log(f"step:{run.step}/{hp.iterations} train_loss:{stats.ce / n:.4f} ratio_loss:{stats.ratio / n:.4f} "
+                f"bytes_per_chunk:{stats.bytes / max(stats.chunks, 1):.2f} "
                 f"train_time:{run.training_time_ms:.0f}ms step_avg:{run.training_time_ms / run.step:.2f}ms")
+        if run.step == eta_step:
+            log_eta(run)
         if stats.signal > 0:
             path = save_checkpoint(run)
             raise TrainingStopped(f"stopped by signal {int(stats.signal)} after step {run.step}; to continue, "
-                                  f"rerun with the same environment plus RESUME_FROM={path}", 128 + int(stats.signal))
+                                  f"rerun with the same environment plus RESUME_FROM={path}",
+                                  128 + int(stats.signal))
         if hp.checkpoint_every > 0 and run.step % hp.checkpoint_every == 0:
             t0 = time.perf_counter()
             save_checkpoint(run)
             gate += time.perf_counter() - t0
         if cap_ms > 0 and run.training_time_ms >= cap_ms and run.step < hp.iterations:
-            log(f"stopping_early: wallclock_cap train_time:{run.training_time_ms:.0f}ms step:{run.step}/{hp.iterations}"
-                + (f" (reserving {hp.reserve_seconds:g}s for GPTQ)" if hp.reserve_seconds else ""))
+            reserve = f" (reserving {hp.reserve_seconds:g}s for GPTQ)" if hp.reserve_seconds else ""
+            log(f"stopping_early: wallclock_cap train_time:{run.training_time_ms:.0f}ms "
+                f"step:{run.step}/{hp.iterations}{reserve}")
             capped = True
     save_checkpoint(run)
 
@@ -1284,21 +1425,29 @@ def hessian_hook(sums: dict, counts: dict, key: str, device_type: str):
 
 @torch.no_grad()
 def collect_hessians(run: Run) -> dict[str, Tensor]:
-    """H = mean X^T X of every large linear's inputs over GPTQ_CALIB_BATCHES train batches, eval mode.
-    Published (GPTQ_CALIB_ALL_RANKS=0): rank 0, a fresh loader at the start of the train stream;
-    1: every rank on its slice of the continuing stream, summed in fp32."""
+    """H = mean X^T X of every large linear's inputs over GPTQ_CALIB_BATCHES micro-batches, eval mode.
+    Published (GPTQ_CALIB_ALL_RANKS=0): rank 0 alone, a fresh loader at the start of the train stream,
+    reading rank 0's slice of each batch (so the Hessians depend on the world size). 1: the micro-
+    batches one process would read next from the continuing stream, shared out over the ranks and
+    summed in fp32: the same Hessians on 1, 2 or 8 processes."""
     hp, rt = run.hp, run.rt
-    if not hp.gptq_calib_all_ranks and not rt.master:
+    all_ranks = bool(hp.gptq_calib_all_ranks)
+    if not all_ranks and not rt.master:
         return {}
-    loader = run.loader if hp.gptq_calib_all_ranks else DistributedTokenLoader(hp, rt)
-    sums, counts = {}, {}
-    hooks = [m.register_forward_hook(hessian_hook(sums, counts, f"{name}.weight", rt.device.type))
-             for name, m in run.model.named_modules()
-             if isinstance(m, CastedLinear) and m.weight.numel() > hp.keep_float_max_numel]
+    loader = run.loader if all_ranks else DistributedTokenLoader(hp, rt)
+    linears = {f"{name}.weight": m for name, m in run.model.named_modules()
+               if isinstance(m, CastedLinear) and m.weight.numel() > hp.keep_float_max_numel}
+    # every rank holds every key, so the all-reduces below line up even where a rank reads nothing
+    sums = {k: torch.zeros(m.in_features, m.in_features, device=rt.device) for k, m in linears.items()}
+    counts = {k: 0 for k in linears}
+    hooks = [m.register_forward_hook(hessian_hook(sums, counts, k, rt.device.type)) for k, m in linears.items()]
+    shares = rt.world_size if all_ranks else 1
     run.model.eval()
     try:
-        for _ in range(hp.gptq_calib_batches):
-            x, y = loader.next_batch()
+        for call in range(math.ceil(hp.gptq_calib_batches / shares)):
+            x, y = loader.next_batch()  # all ranks: each its own slice of `shares` micro-batches
+            if call * shares + (rt.rank if all_ranks else 0) >= hp.gptq_calib_batches:
+                continue  # past the micro-batches one process would have read
             with rt.autocast():
                 run.model(x, y)
     finally:
@@ -1307,8 +1456,8 @@ def collect_hessians(run: Run) -> dict[str, Tensor]:
         run.model.train()
     out = {}
     for key in sorted(sums):
-        h, n = sums[key], torch.tensor(float(counts[key]), device=sums[key].device)
-        if hp.gptq_calib_all_ranks and rt.world_size > 1:
+        h, n = sums[key], torch.tensor(float(counts[key]), device=rt.device)
+        if all_ranks and rt.world_size > 1:
             dist.all_reduce(h, op=dist.ReduceOp.SUM)
             dist.all_reduce(n, op=dist.ReduceOp.SUM)
         out[key] = h / n
@@ -1322,7 +1471,8 @@ def export_artifact(run: Run, fmt: str, state: dict, hessians: dict | None) -> t
     if run.rt.master:
         payload = quantize_state_dict(state, fmt, run.hp, hessians, run.data)
         for name in payload["stats"]["gptq_fallbacks"]:
-            run.log(f"WARNING: gptq: {name}: Hessian not positive definite even with 100x damping; rounded to nearest")
+            run.log(f"WARNING: gptq: {name}: Hessian not positive definite even with 100x damping; "
+                    "rounded to nearest")
         if fmt == "int6":
             run.log(f"prune: {payload['stats']['pruned']} int6 values set to 0 (PRUNE_PCT={run.hp.prune_pct:g}, "
                     f"PRUNE_NONZERO={run.hp.prune_nonzero})")
@@ -1331,10 +1481,33 @@ def export_artifact(run: Run, fmt: str, state: dict, hessians: dict | None) -> t
         dist.barrier()
     model_bytes = path.stat().st_size
     total = code_bytes() + model_bytes
+    verdict = "under" if total <= SIZE_CAP_BYTES else "OVER"
     run.log(f"serialized_{fmt}: {path} model_bytes:{model_bytes} code_bytes:{code_bytes()} total_bytes:{total} "
-            f"headroom:{SIZE_CAP_BYTES - total} ({'under' if total <= SIZE_CAP_BYTES else 'OVER'} the "
-            f"{SIZE_CAP_BYTES:,}-byte cap)")
+            f"headroom:{SIZE_CAP_BYTES - total} ({verdict} the {SIZE_CAP_BYTES:,}-byte cap)")
     return path, total
+
+def calibrate(run: Run) -> dict | None:
+    """GPTQ's Hessians, timed: reading training data counts against the wall-clock budget, so a
+    calibration longer than its reserve is said loudly (and recorded in submission.json)."""
+    if not run.hp.uses_gptq:
+        return None
+    t0 = time.perf_counter()
+    hessians = collect_hessians(run)
+    elapsed = torch.tensor([1000 * (time.perf_counter() - t0)], device=run.rt.device, dtype=torch.float64)
+    if run.rt.world_size > 1:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the ranks that waited waited this long too
+    run.calibration_ms = elapsed.item()
+    hp = run.hp
+    run.log(f"gptq: hessians for {len(hessians) if run.rt.master else 0} matrices from {hp.gptq_calib_batches} "
+            f"batches in {run.calibration_ms:.0f}ms (reserve {hp.gptq_reserve_seconds:g}s)")
+    budget_ms = 1000 * hp.max_wallclock_seconds
+    if budget_ms > 0 and run.training_time_ms + run.calibration_ms > budget_ms:
+        run.log(f"WARNING: training ({run.training_time_ms / 1000:.1f}s) plus GPTQ calibration "
+                f"({run.calibration_ms / 1000:.1f}s) read training data for "
+                f"{(run.training_time_ms + run.calibration_ms) / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                f"{hp.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS above {run.calibration_ms / 1000:.0f} "
+                "or lower GPTQ_CALIB_BATCHES; this run breaks the time rule")
+    return hessians
 
 def export_and_evaluate(run: Run) -> dict:
     """Quantise every format from the same trained float weights, read each file back and score it
@@ -1353,14 +1526,13 @@ def export_and_evaluate(run: Run) -> dict:
         res = res or evaluate_bpb(model, rt, hp, run.val_tokens, run.luts, **kw)
         log(f"final_{label} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
         return res._asdict()
+
     done = run.last_eval[1] if run.last_eval and run.last_eval[0] == run.step else None  # scored at the last step
     metrics = {"float": score("float", res=done)}
     t0 = time.perf_counter()
-    hessians = collect_hessians(run) if hp.uses_gptq else None
-    if hessians is not None:
-        log(f"gptq: hessians for {len(hessians)} matrices from {hp.gptq_calib_batches} batches in "
-            f"{1000 * (time.perf_counter() - t0):.0f}ms")
-    exported = {fmt: export_artifact(run, fmt, float_state, hessians if fmt == "int6" else None) for fmt in hp.formats}
+    hessians = calibrate(run)
+    exported = {fmt: export_artifact(run, fmt, float_state, hessians if fmt == "int6" else None)
+                for fmt in hp.formats}
     for fmt, (path, total) in exported.items():
         run.model.load_state_dict(dequantize_state_dict(read_artifact(path)))
         metrics[f"{fmt}_roundtrip"] = {**score(f"{FORMAT_LABELS[fmt]}_roundtrip_exact"), "bytes_total": total}
@@ -1381,20 +1553,30 @@ def export_and_evaluate(run: Run) -> dict:
 
 def write_submission(run: Run, metrics: dict) -> None:
     """submission.json in the challenge's record-folder format, plus what a reader needs to trust it."""
-    final = metrics["headline_format"]
+    hp, final = run.hp, metrics["headline_format"]
     headline = metrics.get(f"{final}_sliding", metrics[f"{final}_roundtrip"])
-    hardware = (f"{run.rt.world_size}x{torch.cuda.get_device_name(run.rt.device)}" if run.rt.is_cuda
-                else f"{run.rt.world_size}x CPU ({platform.processor() or platform.machine()})")
-    tokenizer = "byte260" if not run.hp.uses_sentencepiece else f"sp{run.hp.vocab_size}"
+    if run.rt.is_cuda:
+        hardware = f"{run.rt.world_size}x{torch.cuda.get_device_name(run.rt.device)}"
+    else:
+        hardware = f"{run.rt.world_size}x CPU ({platform.processor() or platform.machine()})"
+    tokenizer = "byte260" if not hp.uses_sentencepiece else f"sp{hp.vocab_size}"
     export = "GPTQ int6 + zstd-22" if final == "int6" else "int8 + zlib-9"
-    sub = {"author": run.hp.submission_author, "name": run.hp.submission_name or run.hp.run_id,
-           "blurb": f"{'H-Net' if run.hp.is_hnet else 'GPT'} ({tokenizer}), {run.hp.num_layers} layers, "
-                    f"OUTER_LAYERS={run.hp.outer_layers}, {export}",
+    val_total = sum(run.data["val"]["tokens"]) - 1
+    budget_ms = 1000 * hp.max_wallclock_seconds
+    sub = {"author": hp.submission_author, "name": hp.submission_name or hp.run_id,
+           "blurb": f"{'H-Net' if hp.is_hnet else 'GPT'} ({tokenizer}), {hp.num_layers} layers, "
+                    f"OUTER_LAYERS={hp.outer_layers}, {export}",
            "date": time.strftime("%Y-%m-%d"), "val_loss": headline["val_loss"], "val_bpb": headline["val_bpb"],
            "bytes_total": metrics["bytes_total"], "bytes_code": metrics["bytes_code"],
-           "pre_quant_val_bpb": metrics["float"]["val_bpb"], "roundtrip_val_bpb": metrics[f"{final}_roundtrip"]["val_bpb"],
-           **{f"{fmt}_roundtrip_val_bpb": metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in run.hp.formats},
-           "seeds": [run.hp.seed], "steps": run.step, "train_time_ms": round(run.training_time_ms),
+           "pre_quant_val_bpb": metrics["float"]["val_bpb"],
+           "roundtrip_val_bpb": metrics[f"{final}_roundtrip"]["val_bpb"],
+           **{f"{fmt}_roundtrip_val_bpb": metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in hp.formats},
+           "val_targets_scored": metrics["float"]["tokens"], "val_targets_total": val_total,
+           "whole_val_split": metrics["float"]["tokens"] == val_total,
+           "seeds": [hp.seed], "steps": run.step,
+           "train_time_ms": round(run.training_time_ms + run.calibration_ms),  # GPTQ reads training data too
+           "gptq_calibration_ms": round(run.calibration_ms),
+           "within_time_budget": budget_ms <= 0 or run.training_time_ms + run.calibration_ms <= budget_ms,
            "hardware": hardware, "torch_version": torch.__version__, "data": run.data}
     write_atomic(run.run_dir / "submission.json", (json.dumps(sub, indent=2) + "\n").encode())
 
@@ -1425,7 +1607,9 @@ def build_run(hp: Hyperparameters, rt: Runtime) -> tuple[Run, list[str]]:
     torch.manual_seed(hp.seed)
     model = HNet(hp).to(rt.device)
     # fullgraph: a graph break is an error, not a silent slowdown; static shapes (fixed chunk cap).
-    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=hp.compile_backend) if rt.compile else model
+    compiled = model
+    if rt.compile:
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=hp.compile_backend)
     if not hp.run_id:
         run_id = [time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]]
         if rt.world_size > 1:
@@ -1454,6 +1638,7 @@ def run_training(hp: Hyperparameters, warnings: list[str] = ()) -> tuple[Run, di
         if run.signal_received:
             raise TrainingStopped(f"aborted by a second signal {signum}", 128 + signum)
         run.signal_received = signum
+
     handlers = {}
     with contextlib.suppress(ValueError):  # signals can only be caught on the main thread
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1472,8 +1657,6 @@ def run_training(hp: Hyperparameters, warnings: list[str] = ()) -> tuple[Run, di
 def main() -> int:
     try:
         hp, warnings = Hyperparameters.from_env()
-        for w in warnings:
-            print(f"WARNING: {w}", file=sys.stderr)
         _, metrics = run_training(hp, warnings)
         code = 4 if metrics["over_cap"] else 0
     except ConfigError as e:
@@ -1494,6 +1677,7 @@ def main() -> int:
             dist.barrier()
         dist.destroy_process_group()
     return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,69 @@
+"""Files the tools write and read: atomically written outputs, markdown tables, artifact payloads
+(before the trainer that made them is known), and train.logs as the bench/ harnesses commit them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+LOG_SEPARATOR = "=" * 100  # the trainers' line between their own source and the rest of train.log
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write to a temp file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def read_payload(artifact: Path) -> dict:
+    """Decompress an artifact (zstd or zlib, told by the magic bytes; both check their content
+    checksum) and unpickle tensors and plain data only: how eval_bpb learns which trainer made it.
+    The trainer's verify_payload then checks the tensors against their stored digest."""
+    import zlib
+
+    import torch
+    import zstandard
+
+    if artifact.is_dir():
+        raise ValueError(f"{artifact}: is a directory; pass the artifact file, e.g. {artifact}/final_model.int6.ptz")
+    if not artifact.is_file():
+        raise ValueError(f"{artifact}: no such artifact")
+    blob = artifact.read_bytes()
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == ZSTD_MAGIC else zlib.decompress(blob)
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:
+        hint = " (final_model.pt is the float state dict, not an artifact: pass a .ptz file)" if blob[:2] == b"PK" else ""
+        raise ValueError(f"{artifact}: not a readable artifact (corrupt or truncated?){hint}: {e}") from None
+    if not isinstance(payload, dict) or not {"trainer", "config", "tensors"} <= payload.keys():
+        raise ValueError(f"{artifact}: decompressed, but it is not a trainer's artifact")
+    return payload
+
+
+def log_without_source(text: str) -> str:
+    """A train.log with the trainer's embedded source (80 KB, the challenge's format) replaced by one
+    line naming it by sha256: the bench/ harnesses commit dozens of logs of one trainer, and the
+    commit that made them holds the source. Everything after the separator is kept as written."""
+    head, sep, rest = text.partition("\n" + LOG_SEPARATOR + "\n")
+    if not sep:
+        return text
+    digest = hashlib.sha256(head.encode("utf-8")).hexdigest()  # the trainer file's own sha256
+    first = head.split("\n", 1)[0]
+    return (f"[trainer source omitted: {head.count(chr(10))} lines, sha256 {digest}; it begins {first!r}]\n"
+            + LOG_SEPARATOR + "\n" + rest)
+
+
+def copy_log(run_dir: Path, dest: Path) -> None:
+    """A run's train.log into a bench/ logs folder, without the embedded source."""
+    write_atomic(dest, log_without_source((run_dir / "train.log").read_text(encoding="utf-8")))
