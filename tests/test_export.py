@@ -189,8 +189,16 @@ def test_eval_bpb_reproduces_the_trainers_numbers(tiny_run, tmp_path, capsys):
     assert r["size"]["total_bytes"] == metrics["bytes_total"]
     printed = capsys.readouterr().out
     assert "sliding (stride 32)" in printed and "headroom" in printed and "precision" in printed
+    # the data's own warnings reach the reader: this artifact scores a prefix of validation
+    assert "WARNING: VAL_MAX_TOKENS=4096: every score covers the first 4,096 of" in printed
+    assert r["data_warnings"] and "VAL_MAX_TOKENS" in r["data_warnings"][0]
     sub = json.loads((out / "submission.json").read_text())
     assert sub["val_bpb"] == metrics["int6_sliding"]["val_bpb"] and sub["bytes_total"] == metrics["bytes_total"]
+    # --compare reads a checkpoint as plain tensors (weights_only): flips against the last step's weights
+    checkpoint = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    assert eval_bpb.main([str(out / "final_model.int6.ptz"), "--compare", str(checkpoint), "--no-sliding",
+                          "--json", str(report)]) == 0
+    assert 0 <= json.loads(report.read_text())["boundaries"]["flip_rate_vs_compare"] < 0.5
 
 
 def test_eval_bpb_fails_loudly_over_the_cap(tiny_run, monkeypatch, capsys):
@@ -207,8 +215,9 @@ def test_eval_bpb_rejects_corrupt_and_mismatched_artifacts(tiny_run, tmp_path, c
     out, _ = tiny_run
     t = study02()
     blob = (out / "final_model.int6.ptz").read_bytes()
+    mid = len(blob) // 2  # inside the compressed body, well past any frame or block header
     for name, data in (("truncated", blob[: len(blob) // 2]), ("garbage", b"\x00" * 100),
-                       ("flipped", blob[:40] + bytes(b ^ 0xFF for b in blob[40:80]) + blob[80:])):
+                       ("flipped", blob[:mid] + bytes(b ^ 0xFF for b in blob[mid:mid + 40]) + blob[mid + 40:])):
         (tmp_path / name).write_bytes(data)
         assert eval_bpb.main([str(tmp_path / name)]) == 2
         assert f"{tmp_path / name}: not a readable artifact" in capsys.readouterr().err

@@ -147,6 +147,46 @@ def test_a_multi_seed_run_reports_the_mean_and_std_of_its_own_rows(capsys, sampl
     assert f"mean val_bpb {mean:.6f} +- {std:.6f} (sample std over 2 seeds)" in out
 
 
+def test_a_bare_command_is_the_cpu_demo_and_its_run_folder_is_in_this_repository(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(launcher.runs, "ensure_sample_export", lambda env: calls.append(("export", env)))
+    monkeypatch.setattr(launcher, "run_in_process", lambda study, env, demo, how=None: calls.append(
+        ("run", study, env, demo, how)) or 0)
+    monkeypatch.chdir(tmp_path)  # started from anywhere
+    assert launcher.main([]) == 0
+    (_, exported), (_, study, env, demo, how) = calls
+    expected, _ = launcher.modules.run_env(launcher.modules.study_dir("02"), "cpu_demo", [])
+    assert study.name.startswith("02_") and demo is True and how == ("cpu_demo", [])
+    assert {k: env[k] for k in expected} == expected == exported
+    assert env["OUTPUT_DIR"] == str(ROOT / "runs" / env["RUN_ID"])  # not ./runs of the current folder
+    calls.clear()
+    assert launcher.main(["SEED=3"]) == 0  # overrides alone: still the demo
+    assert calls[1][2]["SEED"] == "3" and calls[1][3] is True
+
+
+def test_a_stopped_or_interrupted_run_says_how_to_continue_through_the_launcher(monkeypatch, capsys, tmp_path):
+    study = ROOT / "studies" / "02_improved_hnet_byte260_and_sp1024"
+    t = launcher.modules.trainer_of(study)
+    env = {"OUTPUT_DIR": str(tmp_path / "r"), "SEED": "3"}
+
+    def stopped(hp, warnings):
+        raise t.TrainingStopped("stopped by signal 2 after step 5; to continue, rerun with the same environment "
+                                "plus RESUME_FROM=/x/step_000005.pt", 130)
+    monkeypatch.setattr(t, "run_training", stopped)
+    assert launcher.run_in_process(study, env, demo=True, how=("cpu_demo", ["SEED=3"])) == 130
+    err = capsys.readouterr().err
+    assert "to continue through this launcher: python train_hnet.py 02 cpu_demo SEED=3 " \
+           "RESUME_FROM=/x/step_000005.pt" in err
+
+    def interrupted(hp, warnings):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(t, "run_training", interrupted)
+    assert launcher.run_in_process(study, env, demo=True, how=("cpu_demo", [])) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted after training" in err
+    assert f"{tmp_path / 'r'}/checkpoints/" in err and "python train_hnet.py 02 cpu_demo RESUME_FROM=" in err
+
+
 @pytest.mark.parametrize("outer", ["0", "1"])
 def test_the_demo_summary_finishes_cleanly_for_a_gpt_and_an_hnet(capsys, sample_byte260, tmp_path, outer):
     from conftest import TINY_ENV
@@ -156,4 +196,20 @@ def test_the_demo_summary_finishes_cleanly_for_a_gpt_and_an_hnet(capsys, sample_
     out = capsys.readouterr().out
     assert "CPU demo done" in out and ("GPT" in out) == (outer == "0")
     assert ("bytes per chunk" in out) == (outer == "1")
+    # every score says what it scores: the float model is non-overlapping like the round trips
+    assert re.search(r"val_bpb \([\d,]+ validation bytes\) +non-overlapping +sliding \(stride 32\)", out)
+    assert re.search(r"float weights, before export +\d\.\d{4}\n", out)
+    assert re.search(r"int6 \+ zstd round trip \(the score\) +\d\.\d{4}  \d\.\d{4}\n", out)
+    assert "6 of 6 steps" in out and "safety limit" not in out
     assert f"run folder: {tmp_path / 'demo'}" in out
+
+
+def test_a_demo_the_safety_limit_cut_short_says_its_numbers_are_not_the_readmes(capsys, sample_byte260, tmp_path):
+    from conftest import TINY_ENV
+    study = ROOT / "studies" / "02_improved_hnet_byte260_and_sp1024"
+    env = {**TINY_ENV, "DATA_PATH": str(sample_byte260), "OUTPUT_DIR": str(tmp_path / "slow"),
+           "ITERATIONS": "100000", "MAX_WALLCLOCK_SECONDS": "2", "GPTQ_RESERVE_SECONDS": "0", "TRAIN_LOG_EVERY": "0"}
+    assert launcher.run_in_process(study, env, demo=True) == 0
+    out = capsys.readouterr().out
+    steps = int(re.search(r"done in \d+s: (\d+) of 100000 steps", out).group(1))
+    assert f"WARNING: the safety limit MAX_WALLCLOCK_SECONDS=2 stopped training at step {steps} of 100000" in out

@@ -85,9 +85,17 @@ def test_ratio_loss_only_in_training_loss_not_in_eval_nats():
     hp = tiny_hparams(t)
     model = trained_like(t.HNet(hp))
     x = torch.randint(4, 260, (2, 64))
+    routed = []
+    model.routing.register_forward_hook(lambda m, i, o: routed.append(o))
     with torch.no_grad():
         out = model(x, x)
         manual = torch.nn.functional.cross_entropy(model.logits(model.hidden_states(x)[0]).flatten(0, 1), x.flatten(),
                                                    reduction="none")
-    assert out.ratio_loss.item() > 0
+    # the ratio loss is returned beside the loss, as the published formula per sequence (the default)
+    f = routed[0].boundary_mask.float().mean(dim=1)
+    g = routed[0].boundary_prob.mean(dim=1)
+    n = hp.target_avg_chunk_len
+    expected = (n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))).mean()
+    assert f.min() < 1 and abs(out.ratio_loss.item() - expected.item()) < 1e-6 and abs(expected.item() - 1) > 1e-3
+    # and the loss is the cross entropy alone, nothing of the ratio loss in it
     assert torch.allclose(out.loss.flatten(), manual, atol=1e-6)

@@ -62,12 +62,35 @@ def test_ema_weights_are_the_exponential_average_of_the_steps(sample_byte260, tm
     w = [t.HNet(tiny_hparams(t)).state_dict()]
     for step in (1, 2, 3):
         path = tmp_path / "ema" / "checkpoints" / f"step_{step:06d}.pt"
-        w.append(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        w.append(torch.load(path, map_location="cpu", weights_only=True)["model"])  # tensors and plain data only
     final = final_state(tmp_path / "ema")
     for k in final:  # e3 = w0/8 + w1/8 + w2/4 + w3/2
         expected = 0.125 * w[0][k] + 0.125 * w[1][k] + 0.25 * w[2][k] + 0.5 * w[3][k]
         assert torch.allclose(final[k], expected, atol=1e-6), k
     assert not torch.allclose(final["tok_emb.weight"], w[3]["tok_emb.weight"])
+
+
+def test_resuming_follows_this_runs_ema_decay_and_says_so(sample_byte260, tmp_path):
+    # a checkpoint made without EMA once turned EMA off silently for a run that asked for it
+    t = study02()
+    run_tiny(t, sample_byte260, tmp_path / "plain", ITERATIONS="2", CHECKPOINT_EVERY="1", GPTQ_CALIB_BATCHES="0")
+    checkpoint = tmp_path / "plain" / "checkpoints" / "step_000001.pt"
+    run, _ = run_tiny(t, sample_byte260, tmp_path / "on", ITERATIONS="3", EMA_DECAY="0.5", RESUME_FROM=str(checkpoint),
+                      GPTQ_CALIB_BATCHES="0", CHECKPOINT_EVERY="1")
+    log = (tmp_path / "on" / "train.log").read_text()
+    assert "ema: the checkpoint has no EMA; EMA_DECAY=0.5 starts it from the resumed weights" in log
+    assert "ema: loaded EMA weights (decay 0.5)" in log
+    w1 = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    w2, w3 = (torch.load(tmp_path / "on" / "checkpoints" / f"step_00000{s}.pt", weights_only=True)["model"]
+              for s in (2, 3))
+    final = final_state(tmp_path / "on")
+    for k in final:  # EMA from step 1's weights: e3 = w1/4 + w2/4 + w3/2
+        assert torch.allclose(final[k], 0.25 * w1[k] + 0.25 * w2[k] + 0.5 * w3[k], atol=1e-6), k
+    with_ema = tmp_path / "on" / "checkpoints" / "step_000002.pt"
+    run, _ = run_tiny(t, sample_byte260, tmp_path / "off", ITERATIONS="3", RESUME_FROM=str(with_ema),
+                      GPTQ_CALIB_BATCHES="0")
+    assert run.ema is None and "ema: EMA_DECAY=0, so the checkpoint's EMA weights are dropped" in \
+        (tmp_path / "off" / "train.log").read_text()
 
 
 def test_a_nan_loss_stops_without_applying_the_update(sample_byte260, tmp_path, monkeypatch):

@@ -62,6 +62,7 @@ def read_speeches(tarball: Path, first_year: int = FIRST_YEAR) -> list[dict]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # --out-dir data/sotu_full need not exist yet
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
