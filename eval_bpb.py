@@ -85,6 +85,14 @@ def parse_args(argv):
     p.add_argument("--ignore-mismatch", action="store_true",
                    help="score with a tokenizer or validation split other than the artifact's")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
+    g = p.add_argument_group("sampling (instead of scoring; needs no validation data)")
+    g.add_argument("--sample", metavar="PROMPT", help="continue PROMPT and print it with the router's chunks marked")
+    g.add_argument("--bytes", type=int, default=200, help="bytes to write (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0: all (default 40)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-cache", action="store_true",
+                   help="recompute the full forward for every token (the slow reference)")
     return p.parse_args(argv)
 
 
@@ -123,6 +131,8 @@ def evaluate(args) -> tuple[dict, int]:
     overrides = {"data_path": args.data, "tokenizer_path": args.tokenizer, "eval_stride": args.stride,
                  "val_max_tokens": args.val_max_tokens}
     payload, trainer, trainer_path, sha, hp = open_artifact(args.artifact, args, overrides)
+    if args.sample is not None:
+        return write_sample(args, payload, trainer, hp)
     code, model_bytes = len(trainer_path.read_bytes()), args.artifact.stat().st_size
     results = {"artifact": str(args.artifact), "trainer": str(trainer_path), "trainer_sha256": sha,
                "format": payload["format"],
@@ -155,6 +165,22 @@ def evaluate(args) -> tuple[dict, int]:
     if hp.is_hnet and (args.boundaries or args.html) and rt.master:
         analyse_boundaries(args, results, (trainer, model, hp, val.tokens, rt.device))
     return results, (4 if results["size"]["headroom"] < 0 else 0)
+
+
+def write_sample(args, payload, trainer, hp) -> tuple[dict, int]:
+    """--sample: the artifact's model continues the prompt (generate.py); no scores."""
+    import torch
+
+    import generate
+
+    if args.bytes < 1:
+        raise ValueError(f"--bytes {args.bytes}: must be at least 1")
+    if hp.uses_sentencepiece and not os.path.isfile(hp.tokenizer_path):
+        raise ValueError(f"TOKENIZER_PATH={hp.tokenizer_path}: not found; pass --tokenizer PATH to decode sp ids")
+    model = trainer.model_from_payload(payload, torch.device("cpu"))
+    r = generate.report(trainer, model, hp, args.sample, args.bytes, args.temperature, args.top_k, args.seed,
+                        cache=not args.no_cache)
+    return {"artifact": str(args.artifact), "sample": r}, 0
 
 
 def analyse_boundaries(args, results: dict, main: tuple) -> None:
@@ -201,6 +227,11 @@ def size_line(s: dict) -> str:
 
 
 def print_results(r: dict) -> None:
+    if "sample" in r:
+        import generate
+
+        generate.print_report(r["sample"])
+        return
     for w in r.get("data_warnings", []):
         print(f"WARNING: {w}")
     for m in r["data_mismatches"]:

@@ -113,7 +113,21 @@ def print_demo_summary(trainer, run, metrics: dict, seconds: float) -> None:
               f"(one byte before / after word starts: precision {report['precision_shift_minus1']:.3f} / "
               f"{report['precision_shift_plus1']:.3f})")
         print(f"a validation paragraph in its learned chunks:\n{report['example']}")
+    print_demo_sample(trainer, run)
     print(f"run folder: {run.run_dir}")
+
+
+def print_demo_sample(trainer, run, prompt_bytes: int = 60, n_bytes: int = 150) -> None:
+    """The artifact's model continues the start of the first validation speech (generate.py)."""
+    import boundaries
+    import generate
+
+    start = b"".join(boundaries.token_texts(run.hp, run.val_tokens[1:1 + 4 * prompt_bytes]))[:prompt_bytes]
+    prompt = start[:start.rfind(b" ") + 1].decode("utf-8", "replace")  # end on a word's last space
+    print(f"\nand writing ({n_bytes} bytes after {len(prompt)} of a validation speech; temperature 0.8, top-k 40, "
+          f"seed 0; `python eval_bpb.py {run.run_dir}/final_model.{run.hp.formats[-1]}.ptz --sample \"...\"` for more):")
+    r = generate.report(trainer, run.model, run.hp, prompt, n_bytes, 0.8, 40, 0, cache=True)
+    print(r["text"])
 
 
 def list_runs() -> None:

@@ -36,7 +36,7 @@ ALIGNED = 0.90  # precision and recall both at least this: "aligned" in the stud
 def row_of(seed: int, r: dict) -> dict:
     b = r["boundaries"]
     return {"seed": seed, "steps": r["steps"], "roundtrip": r["roundtrip"], "run_dir": r["run_dir"],
-            **{k: b[k] for k, _ in COLUMNS[2:]}}
+            "threads": r.get("threads"), **{k: b[k] for k, _ in COLUMNS[2:]}}
 
 
 def aligned(row: dict) -> bool:
@@ -100,8 +100,10 @@ def main(argv=None) -> int:
     rows = [row_of(seed, r) for seed, r in zip(seeds, runs.measure_all(study, envs, args.jobs, done))]
     corpus = args.docs.name if args.docs else Path(env["DATA_PATH"]).name
     command = " ".join(["python bench/seeds.py", *(argv if argv is not None else sys.argv[1:])])
-    text = (f"`{command}`: study {study.name[:2]} run {args.run} on {corpus}; the round-tripped model's "
-            f"boundaries against word starts\n\n" + table(rows) + "\n")
+    threads = sorted({r["threads"] for r in rows})
+    text = (f"`{command}`: study {study.name[:2]} run {args.run} on {corpus}, torch threads per run "
+            f"{'/'.join(map(str, threads))}; the round-tripped model's boundaries against word starts\n\n"
+            + table(rows) + "\n")
     files.write_atomic(logs / "table.md", text)
     files.write_atomic(logs / "rows.json", json.dumps(rows, indent=1) + "\n")
     print("\n" + text)

@@ -66,6 +66,8 @@ def unique_stamp() -> str:
 def measure(study: Path, env: dict) -> dict:
     """Train one run in this process and summarise it for the bench/ tables: the trainer's metrics,
     the round-tripped model's boundary statistics (H-Nets), steps, time and train bytes per second."""
+    import torch
+
     import boundaries
 
     trainer = modules.trainer_of(study)
@@ -85,7 +87,7 @@ def measure(study: Path, env: dict) -> dict:
            "float": metrics["float"]["val_bpb"], "roundtrip": metrics[f"{final}_roundtrip"]["val_bpb"],
            "roundtrips": {fmt: metrics[f"{fmt}_roundtrip"]["val_bpb"] for fmt in hp.formats},
            "format": final, "sliding": metrics.get(f"{final}_sliding", {}).get("val_bpb"),
-           "bytes": metrics["bytes_total"], "boundaries": None}
+           "bytes": metrics["bytes_total"], "threads": torch.get_num_threads(), "boundaries": None}
     if hp.is_hnet:
         row["boundaries"] = boundaries.analyse(trainer, run.model, hp, run.val_tokens, run.rt.device, shifts=0)
     return row

@@ -201,6 +201,10 @@ def test_the_demo_summary_finishes_cleanly_for_a_gpt_and_an_hnet(capsys, sample_
     assert re.search(r"float weights, before export +\d\.\d{4}\n", out)
     assert re.search(r"int6 \+ zstd round trip \(the score\) +\d\.\d{4}  \d\.\d{4}\n", out)
     assert "6 of 6 steps" in out and "safety limit" not in out
+    # and it ends by writing: the round-tripped model continues the start of a validation speech
+    assert "and writing (150 bytes after" in out
+    sample = out.split("and writing (")[1].splitlines()[1]
+    assert "|" in sample and sample.startswith("[<bos>" if outer == "1" else "<bos>")
     assert f"run folder: {tmp_path / 'demo'}" in out
 
 
