@@ -266,6 +266,7 @@ def main(argv=None) -> int:
             seed_env = env if seed is None else {**env, "SEED": str(seed)}
             print(" ".join(f"{k}={shlex.quote(v)}" for k, v in seed_env.items()) + " " + " ".join(map(shlex.quote, cmd)))
         cost.print_estimate(cost.estimate_size(trainer, hp), trainer.SIZE_CAP_BYTES, spec.get("published"))
+        cost.print_cost(cost.cost_model(trainer, hp))
         return 0
     runs.ensure_sample_export(env)
     if seeds:
