@@ -187,3 +187,20 @@ def test_bench_hnet_times_the_trainers_own_step_and_the_scan_against_a_loop(tmp_
     assert ratio == pytest.approx(hnet / gpt, abs=0.006)
     assert float(re.search(r"max \|scan - loop\| = (\S+)", text).group(1)) < 1e-4
     assert {"log-depth scan (trainer)", "python loop over chunks"} <= set(rows)
+
+
+def test_a_committed_log_names_its_trainer_by_sha256_and_keeps_everything_else(sample_byte260, tmp_path):
+    import hashlib
+
+    from conftest import run_tiny, study02
+    from harness import files
+
+    t = study02()
+    run_tiny(t, sample_byte260, tmp_path / "run", ITERATIONS="1", GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0")
+    text = (tmp_path / "run" / "train.log").read_text()
+    stripped = files.log_without_source(text)
+    digest = hashlib.sha256(Path(t.__file__).read_bytes()).hexdigest()
+    first, rest = stripped.split("\n", 1)
+    assert first.startswith("[trainer source omitted:") and digest in first  # `git show REV:path | sha256sum`
+    assert rest.split("=" * 100 + "\n", 1)[1] == text.split("\n" + "=" * 100 + "\n", 1)[1]  # the rest, as written
+    assert len(stripped) < len(text) - 50_000 and files.log_without_source(stripped) == stripped
