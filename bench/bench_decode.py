@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         r = generate.report(trainer, model, hp, PROMPT, n, 0.8, 40, 0, cache=cache)
         per_byte = f"{r['main_steps'] / r['bytes']:.3f}" if cache and hp.is_hnet else "-"
         rows.append(["key/value cache, one main-stage step a chunk" if cache else "full forward per token",
-                     str(r["bytes"]), f"{r['seconds']:.2f}", f"{r['bytes_per_s']:,.1f}", per_byte])
+                     str(r["bytes"]), f"{r['seconds']:.4f}", f"{r['bytes_per_s']:,.1f}", per_byte])
     speedup = float(rows[0][3].replace(",", "")) / float(rows[1][3].replace(",", ""))
     text = (f"`python bench/bench_decode.py {' '.join(sys.argv[1:] if argv is None else argv)}`: {what}, "
             f"{hp.num_layers}x{hp.model_dim}, window {hp.train_seq_len}, torch {torch.__version__}, "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 LOG_SEPARATOR = "=" * 100  # the trainers' line between their own source and the rest of train.log
+OMITTED = "[trainer source omitted:"  # how log_without_source's one line begins
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -56,11 +57,11 @@ def log_without_source(text: str) -> str:
     line naming it by sha256: the bench/ harnesses commit dozens of logs of one trainer, and the
     commit that made them holds the source. Everything after the separator is kept as written."""
     head, sep, rest = text.partition("\n" + LOG_SEPARATOR + "\n")
-    if not sep:
+    if not sep or head.startswith(OMITTED):  # no source, or already replaced: nothing to do
         return text
     digest = hashlib.sha256(head.encode("utf-8")).hexdigest()  # the trainer file's own sha256
     first = head.split("\n", 1)[0]
-    return (f"[trainer source omitted: {head.count(chr(10))} lines, sha256 {digest}; it begins {first!r}]\n"
+    return (f"{OMITTED} {head.count(chr(10))} lines, sha256 {digest}; it begins {first!r}]\n"
             + LOG_SEPARATOR + "\n" + rest)
 
 
