@@ -35,17 +35,24 @@ BOS = 1
 
 class CachedAttention:
     """One trainer CausalSelfAttention given a key/value cache: its forward takes the next
-    position(s) of the sequence and attends over everything cached before them."""
+    position(s) of the sequence and attends over everything cached before them. A stage that runs
+    its blocks K times (study 03's MAIN_LOOPS) calls each attention K times a position, one pass
+    after the other: one cache a pass."""
 
-    def __init__(self, trainer, attn):
-        self.trainer, self.attn = trainer, attn
+    def __init__(self, trainer, attn, passes: int = 1):
+        self.trainer, self.attn, self.passes = trainer, attn, passes
         self.reset()
 
     def reset(self) -> None:
-        self.k = self.v = None
-        self.pos = 0
+        self.caches = [{"k": None, "v": None, "pos": 0} for _ in range(self.passes)]
+        self.calls = 0
 
-    def forward(self, x):  # (1, n, D) -> (1, n, D): the trainer's attention, positions pos..pos+n
+    def forward(self, x):
+        cache = self.caches[self.calls % self.passes]
+        self.calls += 1
+        return self.attend(x, cache)
+
+    def attend(self, x, cache: dict):  # (1, n, D) -> (1, n, D): the trainer's attention, positions pos..pos+n
         a, t = self.attn, self.trainer
         b, n, d = x.shape
         q = a.c_q(x).view(b, n, a.num_heads, a.head_dim).transpose(1, 2)
@@ -53,20 +60,23 @@ class CachedAttention:
         v = a.c_v(x).view(b, n, a.num_kv_heads, a.head_dim).transpose(1, 2)
         q, k = F.rms_norm(q, (a.head_dim,)), F.rms_norm(k, (a.head_dim,))
         # the rotary angles of these positions alone: Rotary's torch.outer(positions, inv_freq), row by row
-        positions = torch.arange(self.pos, self.pos + n, device=x.device, dtype=torch.float32)
+        positions = torch.arange(cache["pos"], cache["pos"] + n, device=x.device, dtype=torch.float32)
         angles = positions[:, None] * a.rotary.inv_freq[None, :]
         cos, sin = angles.cos().to(q.dtype)[None, None], angles.sin().to(q.dtype)[None, None]
-        q = t.apply_rotary(q, cos, sin) * a.q_gain.to(q.dtype)[None, :, None, None]
-        k = t.apply_rotary(k, cos, sin)
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        self.pos += n
+        rotate = getattr(a, "rotate", t.apply_rotary)  # study 03's partial RoPE rotates part of each head
+        q = rotate(q, cos, sin) * a.q_gain.to(q.dtype)[None, :, None, None]
+        k = rotate(k, cos, sin)
+        cache["k"] = k if cache["k"] is None else torch.cat((cache["k"], k), dim=2)
+        cache["v"] = v if cache["v"] is None else torch.cat((cache["v"], v), dim=2)
+        cache["pos"] += n
         # One query against every cached key (n == 1, so no causal mask). Written out: on a CPU the
         # fused kernel's setup costs more than this whole product at one position.
         group = a.num_heads // a.num_kv_heads
-        keys, values = self.k.repeat_interleave(group, dim=1), self.v.repeat_interleave(group, dim=1)
+        keys, values = cache["k"].repeat_interleave(group, dim=1), cache["v"].repeat_interleave(group, dim=1)
         weights = torch.softmax((q @ keys.transpose(-1, -2)).float() / a.head_dim ** 0.5, dim=-1)
         y = weights.to(values.dtype) @ values
+        if getattr(a, "xsa", False):  # study 03's XSA: without the component along its own value
+            y = t.exclude_self(y, v)
         return a.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
@@ -80,7 +90,7 @@ class IncrementalModel:
         self.caches = {}
         for stage in stages:
             for block in stage.blocks:
-                self.caches[block.attn] = CachedAttention(trainer, block.attn)
+                self.caches[block.attn] = CachedAttention(trainer, block.attn, getattr(stage, "loops", 1))
         self.cap = max(1, hp.train_seq_len // hp.chunk_divisor) if hasattr(hp, "chunk_divisor") else None
         self.reset()
 
@@ -88,7 +98,7 @@ class IncrementalModel:
         for cache in self.caches.values():
             cache.reset()
         self.h_prev = self.s = None  # the encoder's last output; the dechunk EMA's state
-        self.chunks, self.boundaries, self.main_steps = 0, [], 0
+        self.chunks, self.boundaries, self.main_steps, self.ids = 0, [], 0, []
 
     def __enter__(self):
         for attn, cache in self.caches.items():
@@ -102,12 +112,18 @@ class IncrementalModel:
     @torch.no_grad()
     def feed(self, token: int):
         m, hp = self.model, self.hp
-        x = m.tok_emb(torch.tensor([[token]], device=m.tok_emb.weight.device))  # (1, 1, D)
+        self.ids.append(token)
+        recent = torch.tensor([self.ids[-3:]], device=m.tok_emb.weight.device)
+        # study 03's input sees the token before (bigram, smear gate) and, through the smear, the one
+        # before that: its own embed() over the last three tokens of the window is exact at the last
+        x = m.embed(recent)[:, -1:] if hasattr(m, "embed") else m.tok_emb(recent[:, -1:])  # (1, 1, D)
         if not hp.is_hnet:  # a plain GPT: every token through the one stage, no chunks
             self.boundaries.append(False)
             return m.logits(m.main(x))[0, -1]
         h = m.encoder(x)
-        if self.h_prev is None:  # the first position of a window always starts a chunk (p_0 = 1)
+        if getattr(hp, "router", "learned") != "learned":  # study 03's rule: after whitespace
+            p = m.routing(recent[:, -2:]).boundary_prob[0, -1]
+        elif self.h_prev is None:  # the first position of a window always starts a chunk (p_0 = 1)
             p = torch.ones((), device=h.device)
         else:
             p = m.routing(torch.cat((self.h_prev, h), dim=1)).boundary_prob[0, 1]
@@ -115,7 +131,7 @@ class IncrementalModel:
         cut = bool(p >= 0.5)
         self.boundaries.append(cut)
         if cut and (self.cap is None or self.chunks < self.cap):  # past the cap: read the last kept chunk
-            z = m.main(h)  # the main stage's next position: one step per chunk
+            z = m.run_main(h) if hasattr(m, "run_main") else m.main(h)  # its next position: one step a chunk
             self.main_steps += 1
             if self.s is None:
                 self.s = z.float()  # s_0 = z_0

@@ -63,10 +63,7 @@ def main(argv=None) -> int:
             f"{torch.get_num_threads()} threads; temperature 0.8, top-k 40, seed 0\n\n"
             + files.markdown_table(["decoding", "bytes", "seconds", "bytes/s", "main-stage steps per byte"], rows)
             + f"\n\ncached / full forward: {speedup:.1f}x\n")
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(args.out, text)
+    files.report(text, args.out)
     return 0
 
 

@@ -155,10 +155,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.argv = argv
     text = report(args)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(args.out, text)
+    files.report(text, args.out)
     return 0
 
 

@@ -85,10 +85,7 @@ def main(argv=None) -> int:
             f"real (not padding) main-stage rows {fraction:.3f}; int6 round trip, non-overlapping\n\n"
             + files.markdown_table(["Hessians", "int6 round-trip BPB", "model bytes"],
                                    [[r["label"], f"{r['bpb']:.5f}", f"{r['bytes']:,}"] for r in rows]) + "\n")
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(args.out, text)
+    files.report(text, args.out)
     return 0
 
 

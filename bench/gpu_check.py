@@ -42,7 +42,7 @@ NEEDED = ("torch", "numpy", "sentencepiece", "zstandard", "tqdm")
 SECTIONS = ("correctness", "speed", "end_of_run", "end_to_end")
 # Published on 8xH100: (study, runs.json run, ms a step, steps in 600 s)
 PUBLISHED_SPEED = {"02": ("byte260_10min", 93.0, 5957), "01": ("byte260_10min", 133.0, 4520),
-                   "baseline": ("baseline_gpt_sp1024_10min", 43.5, None)}
+                   "baseline": ("baseline_gpt_sp1024_10min", 43.5, None), "03": ("byte260_10min", None, None)}
 SPEC_PARAMS = {"01": 17_455_176, "02": 22_966_880, "baseline": 17_059_912}
 VAL_TOKENS_BYTE260 = 151_130_112  # the whole FineWeb validation split (SPEC 3.4)
 RANK_TOKENS = 524_288 // 8  # one rank's share of a step on 8 GPUs
@@ -73,6 +73,13 @@ def trainers(smoke: bool) -> dict:
 
     names = ("01", "02") + (("03",) if any((ROOT / "studies").glob("03_*/train_gpt.py")) else ())
     return {s: modules.trainer_of(modules.study_dir(s)) for s in names}
+
+
+def has_preset(study: str, run: str) -> bool:
+    """Whether a study exists here and names this run (study 03's 8xH100 presets come with its recipe)."""
+    from harness import modules
+
+    return any((ROOT / "studies").glob(f"{study}_*/train_gpt.py")) and run in modules.load_runs(modules.study_dir(study))
 
 
 def small_env(t, smoke: bool, **extra) -> dict:
@@ -204,7 +211,7 @@ def speed(args, out: Check) -> None:
 
     RandomBytes, synchronize = bench_hnet().RandomBytes, bench_hnet().synchronize
     device = device_of(args.cpu_smoke)
-    studies = ["02", "01", "baseline"] + (["03"] if "03" in trainers(args.cpu_smoke) else [])
+    studies = ["02", "01", "baseline"] + (["03"] if has_preset("03", PUBLISHED_SPEED["03"][0]) else [])
     for study in studies:
         t = modules.trainer_of(modules.study_dir("02" if study == "baseline" else study))
         hp, _ = t.Hyperparameters.from_env(speed_env(study, t, args.cpu_smoke))
@@ -238,8 +245,7 @@ def speed(args, out: Check) -> None:
         synchronize(device)
         ms = 1000 * (time.perf_counter() - t0) / args.steps
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        label = PUBLISHED_SPEED[study][0] if study in PUBLISHED_SPEED else "byte260_10min"
-        _, published_ms, published_steps = PUBLISHED_SPEED.get(study, (label, None, None))
+        label, published_ms, published_steps = PUBLISHED_SPEED[study]
         full_env = dict(modules.load_runs(modules.study_dir("02" if study == "baseline" else study))[label]["env"])
         full_hp, _ = t.Hyperparameters.from_env({k: v for k, v in full_env.items() if k not in ("DATA_PATH",)})
         predicted = cost.cost_model(t, full_hp)["predicted_ms_per_step"]

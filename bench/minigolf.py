@@ -1,24 +1,30 @@
-"""The studies' byte-vs-subword comparison on a laptop: four models, one CPU budget each.
+"""Byte vs subword and H-Net vs GPT on a laptop: each model trained for one CPU budget, one table.
 
-    python bench/minigolf.py                       # 150 s per model on the sample, seed 1337
-    python bench/minigolf.py --seconds 300 --seeds 1337,1,2
+    python bench/minigolf.py                       # the studies' four models, 150 s each on the sample
+    python bench/minigolf.py --models study02_hnet,study03_hnet,study03_gpt,study03_rule --seeds 1337,1,2
     python bench/minigolf.py --models byte260_hnet,byte260_gpt --seconds 20 MODEL_DIM=32   # quick look
     python bench/minigolf.py --docs data/sotu_full/sotu_1790_2021_shuf1.jsonl.xz   # every address
         # 1790-2021, training order shuffled (data/sample/make_sample.py --first-year 1790
         # --shuffle-train 1): 5x the training text, the same validation speeches (2015-2021)
 
-Trains and scores, through study 02's trainer and its `cpu_demo` run in runs.json (the demo's
-8 x 128 model, sequence 512, 4,096 tokens a step): the byte260 H-Net, the byte260 GPT
-(OUTER_LAYERS=0), the sp1024 GPT and the sp1024 H-Net, each for the same wall-clock budget.
+Each model is a study's named CPU run (runs.json) plus the keys below:
+- the studies' comparison (study 02's `cpu_demo`, 8 x 128, sequence 512, 4,096 tokens a step):
+  byte260_hnet, byte260_gpt (OUTER_LAYERS=0), sp1024_gpt, sp1024_hnet (TARGET_AVG_CHUNK_LEN=2
+  tokens, about 5.4 bytes, close to byte260's 6);
+- study 03's question: study02_hnet (the same as byte260_hnet), study03_hnet (study 03's `cpu`),
+  study03_gpt (study 03's `cpu_gpt`: the same stack with OUTER_LAYERS=0, its parameters within 5%),
+  study03_rule (study 03's `cpu` with ROUTER=space, the rule-based control).
 What keeps it fair, and what the table shows so you can judge:
-- equal wall clock (MAX_WALLCLOCK_SECONDS), equal tokens a step, the same width and depth, so
-  the parameter counts are within 10% (the sp1024 embedding is the difference); printed;
-- context: 512 tokens for every model, which is 512 bytes for byte260 and about 1,400 for
-  sp1024; printed as "context bytes";
-- at most one pass over the training split: ITERATIONS is capped at one epoch, so no model wins
-  by memorising a small corpus (the sample's train split is 1.9 MB); "epochs" is printed;
-- no LR warmup for any model (the demo's 300 steps would be all of an sp1024 run), FAIR below;
-- the sp1024 H-Net's TARGET_AVG_CHUNK_LEN is 2 tokens (about 5.4 bytes, close to byte260's 6).
+- equal wall clock (MAX_WALLCLOCK_SECONDS): this bench asks what each model does with the same
+  time, so, unlike the fixed-step demo, its step counts depend on the machine; compare models run
+  side by side, never a row with another machine's;
+- equal tokens a step; parameters printed (the study-03 pair is matched within 5%);
+- context in bytes printed; at most one pass over the training split (ITERATIONS is capped at one
+  epoch, so no model wins by memorising a small corpus); "epochs" is printed;
+- no LR warmup and no early QAT for any model (a warmup counted in steps would be most of the
+  runs that take few steps);
+- validation every VAL_LOSS_EVERY steps (off the clock), so bench/minigolf_figure.py can draw BPB
+  against training seconds from the logs.
 Prints one table (markdown) and writes it with each run's train.log to --logs.
 """
 
@@ -39,15 +45,23 @@ SP_ENV = {"DATA_PATH": str(SAMPLE_SP), "VOCAB_SIZE": "1024",
           "TOKENIZER_PATH": str(runs.SAMPLE_EXPORT / "tokenizers" / "fineweb_1024_bpe.model")}
 # The demo's LR warmup is counted in steps, so under one wall clock it would take a larger share
 # of the runs that take fewer steps (the sp1024 runs stop at one epoch, 160 steps, inside a
-# 300-step warmup). Off for every model here; an override (LR_WARMUP_STEPS=...) still wins.
-FAIR = ["LR_WARMUP_STEPS=0"]
+# 300-step warmup), and its early int6 fake quantisation goes with it (ROUTER.md of study 02).
+# Off for every model here; an override (LR_WARMUP_STEPS=..., QAT_FROM_STEP=...) still wins.
+FAIR = ["LR_WARMUP_STEPS=0", "QAT_FROM_STEP=0"]
+VAL_EVERY = 50
 
+# name: (study, run in its runs.json, keys on top)
 MODELS = {
-    "byte260_hnet": {},
-    "byte260_gpt": {"OUTER_LAYERS": "0"},
-    "sp1024_gpt": {**SP_ENV, "OUTER_LAYERS": "0"},
-    "sp1024_hnet": {**SP_ENV, "TARGET_AVG_CHUNK_LEN": "2"},
+    "byte260_hnet": ("02", "cpu_demo", {}),
+    "byte260_gpt": ("02", "cpu_demo", {"OUTER_LAYERS": "0"}),
+    "sp1024_gpt": ("02", "cpu_demo", {**SP_ENV, "OUTER_LAYERS": "0"}),
+    "sp1024_hnet": ("02", "cpu_demo", {**SP_ENV, "TARGET_AVG_CHUNK_LEN": "2"}),
+    "study02_hnet": ("02", "cpu_demo", {}),
+    "study03_hnet": ("03", "cpu", {}),
+    "study03_gpt": ("03", "cpu_gpt", {}),
+    "study03_rule": ("03", "cpu", {"ROUTER": "space"}),
 }
+STUDIES_FOUR = ["byte260_hnet", "byte260_gpt", "sp1024_gpt", "sp1024_hnet"]
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -73,11 +87,29 @@ def table(results: dict) -> str:
     return files.markdown_table(head, lines)
 
 
+def model_env(name: str, seconds: float, seed: int, overrides: list[str], docs: Path | None) -> tuple[Path, dict, int]:
+    """The study folder and env of one model (its run, the budget and seed, overrides, its own keys)
+    and the steps of one pass over its training split."""
+    study_name, run, keys = MODELS[name]
+    keys = dict(keys)
+    if docs is not None:
+        keys.update(runs.export_corpus(docs, "sp1024" if name.startswith("sp1024") else "byte260"))
+    study = modules.study_dir(study_name)
+    # the model's own keys (e.g. OUTER_LAYERS=0 for a GPT) win over overrides given for every model
+    env, _ = modules.run_env(study, run, [f"MAX_WALLCLOCK_SECONDS={seconds:g}", f"SEED={seed}",
+                                          f"VAL_LOSS_EVERY={VAL_EVERY}", *FAIR, *overrides,
+                                          *(f"{k}={v}" for k, v in keys.items())])
+    runs.ensure_sample_export(env)
+    one_epoch = runs.train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
+    env["ITERATIONS"] = str(min(int(env.get("ITERATIONS", 10**9)), one_epoch))
+    return study, env, one_epoch
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=150.0, help="training wall clock per model")
     p.add_argument("--seeds", default="1337", help="comma-separated seeds; each model runs once per seed")
-    p.add_argument("--models", default=",".join(MODELS), help=f"a subset of {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(STUDIES_FOUR), help=f"a subset of {', '.join(MODELS)}")
     p.add_argument("--logs", type=Path, default=ROOT / "bench" / "logs" / "minigolf", help="where logs and the table go")
     p.add_argument("--docs", type=Path, help="a documents file to train and validate on instead of the sample "
                                              "(exported to byte260 and sp1024 on first use)")
@@ -88,32 +120,24 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(MODELS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    study = modules.study_dir("02")
     args.logs.mkdir(parents=True, exist_ok=True)
     work = ROOT / "runs" / f"minigolf_{runs.unique_stamp()}"
     results = {}
     for name in models:
         for seed in seeds:
-            # the model's own keys (e.g. OUTER_LAYERS=0 for a GPT) win over overrides given for every model
-            keys = dict(MODELS[name])
-            if args.docs is not None:
-                keys.update(runs.export_corpus(args.docs, "sp1024" if name.startswith("sp1024") else "byte260"))
-            env, _ = modules.run_env(study, "cpu_demo", [f"MAX_WALLCLOCK_SECONDS={args.seconds:g}", f"SEED={seed}",
-                                                         *FAIR, *args.overrides, *(f"{k}={v}" for k, v in keys.items())])
-            runs.ensure_sample_export(env)
-            one_epoch = runs.train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
-            env["ITERATIONS"] = str(min(int(env["ITERATIONS"]), one_epoch))
+            study, env, one_epoch = model_env(name, args.seconds, seed, args.overrides, args.docs)
             out = work / f"{name}_seed{seed}"
-            print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {one_epoch} steps (one epoch)", flush=True)
+            print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {env['ITERATIONS']} steps (one epoch)", flush=True)
             row = runs.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
             row["epochs"] = row["steps"] / max(one_epoch, 1)
+            row["model"], row["seed"] = name, seed
             results.setdefault(name, []).append(row)
             files.copy_log(out, args.logs / f"{name}_seed{seed}.log")
     command = " ".join(["python bench/minigolf.py", f"--seconds {args.seconds:g}", f"--seeds {args.seeds}",
-                        *([f"--models {args.models}"] if models != list(MODELS) else []),
+                        *([f"--models {args.models}"] if models != STUDIES_FOUR else []),
                         *([f"--docs {args.docs}"] if args.docs else []), *args.overrides])
     text = (f"`{command}`: mean (min-max) over seeds {args.seeds}; BPB of the validation speeches (2015-2021); "
-            "round trip = the int6 GPTQ + zstd artifact read back\n\n" + table(results) + "\n")
+            "round trip = the int6 GPTQ artifact read back\n\n" + table(results) + "\n")
     files.write_atomic(args.logs / "table.md", text)
     files.write_atomic(args.logs / "results.json", json.dumps(results, indent=1) + "\n")
     print("\n" + text)

@@ -20,12 +20,13 @@ def estimate_size(trainer, hp) -> dict:
     shapes, small = {}, 0
     for name, p in model.state_dict().items():
         if p.ndim == 2 and p.numel() > hp.keep_float_max_numel:
-            key = (tuple(p.shape), fmt == "int8" or name == "tok_emb.weight")
+            key = (tuple(p.shape), fmt == "int8" or name in getattr(trainer, "TABLES", ("tok_emb.weight",)))
             shapes[key] = shapes.get(key, 0) + 1
         else:
             small += p.numel() * (4 if any(k in name for k in trainer.CONTROL_NAMES) else 2)
     g = torch.Generator().manual_seed(0)
     model_bytes = small
+    codec = {"export_codec": hp.export_codec} if hasattr(hp, "export_codec") else {}  # study 03's grouped codec
     for (shape, as_int8), count in shapes.items():
         w = torch.randn(shape, generator=g)
         if as_int8:
@@ -33,7 +34,8 @@ def estimate_size(trainer, hp) -> dict:
         else:
             q, scale = trainer.quantize_int6_matrix(w, None, hp)
             trainer.prune_int6({"w": (q, scale)}, hp.prune_pct, bool(hp.prune_nonzero))
-        model_bytes += count * len(trainer.compress({"q": q, "scale": scale}, fmt))
+        payload = {"config": codec, "tensors": {"w": {"q": q, "scale": scale, "bits": 8 if as_int8 else 6}}}
+        model_bytes += count * len(trainer.compress(payload, fmt))
     params = sum(p.numel() for p in model.parameters())
     code = len(Path(trainer.__file__).read_bytes())
     return {"model_params": params, "float_bytes": 4 * params, "format": fmt, "code_bytes": code,

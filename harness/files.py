@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GROUPED_MAGIC = b"HNG1"  # study 03's EXPORT_CODEC=grouped: a JSON header, then the compressed streams
 LOG_SEPARATOR = "=" * 100  # the trainers' line between their own source and the rest of train.log
 OMITTED = "[trainer source omitted:"  # how log_without_source's one line begins
 
@@ -21,6 +23,14 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+def report(text: str, out: Path | None) -> None:
+    """A bench's table: printed, and written to `out` (its folder made) when one is given."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, text)
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -30,7 +40,8 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 def read_payload(artifact: Path) -> dict:
     """Decompress an artifact (zstd or zlib, told by the magic bytes; both check their content
     checksum) and unpickle tensors and plain data only: how eval_bpb learns which trainer made it.
-    The trainer's verify_payload then checks the tensors against their stored digest."""
+    The trainer's verify_payload then checks the tensors against their stored digest. A grouped
+    artifact gives its header only (no "tensors"): the trainer's read_artifact reads the rest."""
     import zlib
 
     import torch
@@ -41,13 +52,18 @@ def read_payload(artifact: Path) -> dict:
     if not artifact.is_file():
         raise ValueError(f"{artifact}: no such artifact")
     blob = artifact.read_bytes()
+    grouped = blob[:4] == GROUPED_MAGIC  # its header names the trainer, whose read_artifact decodes the rest
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == ZSTD_MAGIC else zlib.decompress(blob)
-        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        if grouped:
+            payload = json.loads(blob[8:8 + int.from_bytes(blob[4:8], "little")])
+        else:
+            raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == ZSTD_MAGIC else zlib.decompress(blob)
+            payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
         hint = " (final_model.pt is the float state dict, not an artifact: pass a .ptz file)" if blob[:2] == b"PK" else ""
         raise ValueError(f"{artifact}: not a readable artifact (corrupt or truncated?){hint}: {e}") from None
-    if not isinstance(payload, dict) or not {"trainer", "config", "tensors"} <= payload.keys():
+    needed = {"trainer", "config"} if grouped else {"trainer", "config", "tensors"}
+    if not isinstance(payload, dict) or not needed <= payload.keys():
         raise ValueError(f"{artifact}: decompressed, but it is not a trainer's artifact")
     return payload
 

@@ -36,6 +36,22 @@ def study01():
     return load_module("studies/01_hnet_byte260_vs_sp1024/train_gpt.py")
 
 
+def study03():
+    return load_module("studies/03_byte_hnet_vs_byte_gpt/train_gpt.py")
+
+
+def study(name: str):
+    return {"01": study01, "02": study02, "03": study03}[name]()
+
+
+# Every study-03 addition on at the tiny size (narrow outer stages without an MLP, a looped main
+# stage, the byte-transformer stack, per-stage LRs, the grouped codec): what holds for study 02
+# must hold with them. OFFICIAL_INIT and ROUTER=space change the model's structure: tests add them.
+STUDY03_ON = {"OUTER_DIM": "16", "OUTER_MLP_MULT": "0", "MAIN_LOOPS": "2", "BIGRAM_HASH": "512", "SMEAR_GATE": "1",
+              "ACTIVATION": "leaky_relu2", "XSA_LAYERS": "1", "ROPE_DIMS": "4", "LN_SCALE": "1",
+              "MUON_WEIGHT_DECAY": "0.04", "OUTER_LR_MULT": "2", "EXPORT_CODEC": "grouped"}
+
+
 def tiny_env(t) -> dict:
     """TINY_ENV restricted to the variables this trainer has (study 01 has no sliding eval or GPTQ)."""
     known = set(t.Hyperparameters.__dataclass_fields__)

@@ -1,7 +1,10 @@
-"""Dynamic chunking pieces against slow, obviously right references."""
+"""Dynamic chunking pieces against slow, obviously right references, in every study's trainer."""
+import pytest
 import torch
 
-from conftest import study02
+from conftest import study, study02
+
+STUDIES = ["01", "02", "03"]
 
 
 def reference_ema(z, p):
@@ -12,8 +15,9 @@ def reference_ema(z, p):
     return torch.stack(out, dim=1)
 
 
-def test_dechunk_scan_matches_loop_forward_and_backward():
-    t = study02()
+@pytest.mark.parametrize("name", STUDIES)
+def test_dechunk_scan_matches_loop_forward_and_backward(name):
+    t = study(name)
     torch.manual_seed(0)
     for chunks in (1, 2, 7, 64, 100):
         z = torch.randn(3, chunks, 16, dtype=torch.float64, requires_grad=True)
@@ -29,8 +33,9 @@ def test_dechunk_scan_matches_loop_forward_and_backward():
         assert torch.allclose(gp_fast, gp_slow, atol=1e-5)
 
 
-def test_scan_has_no_overflow_at_long_lengths():
-    t = study02()
+@pytest.mark.parametrize("name", STUDIES)
+def test_scan_has_no_overflow_at_long_lengths(name):
+    t = study(name)
     a = torch.full((1, 4096, 1), 0.5)
     b = torch.ones(1, 4096, 1)
     s = t.linear_scan(a, b)

@@ -142,10 +142,12 @@ def test_late_qat_forward_sees_the_exported_int6_and_passes_gradients():
     assert torch.equal(lin.train()(x), x @ lin.weight.T)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int6"])
-def test_round_trip_reproduces_the_quantised_weights_exactly(fmt, tmp_path):
-    t = study02()
-    hp = tiny_hparams(t)
+@pytest.mark.parametrize("fmt, name", [("int8", "02"), ("int6", "02"), ("int6", "03")])
+def test_round_trip_reproduces_the_quantised_weights_exactly(fmt, name, tmp_path):
+    from conftest import STUDY03_ON, study
+
+    t = study(name)
+    hp = tiny_hparams(t, **(STUDY03_ON if name == "03" else {}))  # study 03: the grouped codec, bigram table
     torch.manual_seed(0)
     model = t.HNet(hp)
     with torch.no_grad():
@@ -160,6 +162,9 @@ def test_round_trip_reproduces_the_quantised_weights_exactly(fmt, tmp_path):
     assert back.keys() == state.keys()
     quantised = [k for k, e in payload["tensors"].items() if "q" in e]
     assert "tok_emb.weight" in quantised and payload["tensors"]["tok_emb.weight"]["bits"] == 8
+    if name == "03":
+        assert t.read_artifact(path) is not None and path.read_bytes()[:4] == t.GROUPED_MAGIC
+        assert payload["tensors"]["bigram.table.weight"]["bits"] == 8  # a table, like the embedding
     assert len(quantised) > 3
     for k in state:
         assert torch.equal(back[k], expected[k]), k

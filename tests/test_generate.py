@@ -8,7 +8,7 @@ import torch
 
 import eval_bpb
 import generate
-from conftest import run_tiny, study01, study02, tiny_hparams
+from conftest import STUDY03_ON, run_tiny, study01, study02, study03, tiny_hparams
 
 
 def random_model(t, hp, seed=0):
@@ -22,24 +22,32 @@ def random_model(t, hp, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("study, outer", [("01", "1"), ("02", "1"), ("02", "0")])
-def test_cached_logits_equal_the_full_forward_at_every_position(study, outer):
-    t = study01() if study == "01" else study02()
-    hp = tiny_hparams(t, NUM_HEADS="4", NUM_KV_HEADS="2", OUTER_LAYERS=outer)  # GQA: 4 query heads on 2
+@pytest.mark.parametrize("study, outer, extra", [
+    ("01", "1", {}), ("02", "1", {}), ("02", "0", {}),
+    ("03", "1", STUDY03_ON), ("03", "0", STUDY03_ON), ("03", "1", {**STUDY03_ON, "ROUTER": "space"}),
+    ("03", "1", {"OFFICIAL_INIT": "1"}),
+])
+def test_cached_logits_equal_the_full_forward_at_every_position(study, outer, extra):
+    t = {"01": study01, "02": study02, "03": study03}[study]()
+    hp = tiny_hparams(t, NUM_HEADS="4", NUM_KV_HEADS="2", OUTER_LAYERS=outer, **extra)  # GQA: 4 query heads on 2
     model = random_model(t, hp)
+    prompt = [1] + [b + 4 for b in b"the cat sat on "]
+    if extra.get("ROUTER") == "space":  # random bytes rarely hold a space: give the rule some to cut at
+        prompt += [b + 4 for b in b"a b c d e f g h i j k l m n o p q r s t u v w x y z "]
     records = []
-    s = generate.sample(t, model, hp, [1] + [b + 4 for b in b"the cat sat on "], 150, temperature=1.0, top_k=0,
-                        seed=1, on_logits=lambda start, i, logits: records.append((start, i, logits)))
-    assert len(s.ids) == 16 + 150 and len({start for start, _, _ in records}) >= 3  # the window slid twice
+    s = generate.sample(t, model, hp, prompt, 150, temperature=1.0, top_k=0, seed=1,
+                        on_logits=lambda start, i, logits: records.append((start, i, logits)))
+    assert len(s.ids) == len(prompt) + 150 and len({start for start, _, _ in records}) >= 3  # the window slid
     worst, capped = 0.0, False
     for start, i, logits in records:
         ref, cuts = generate.full_forward(t, model, hp, s.ids[start:i + 1])
         worst = max(worst, (ref[-1] - logits).abs().max().item() / ref.abs().max().item())
         capped = capped or (hasattr(hp, "chunk_divisor") and int(cuts.sum()) > hp.train_seq_len // hp.chunk_divisor)
-    assert worst < 1e-5, worst
+    assert worst < 5e-5, worst  # float order only: a wrong cache, mask or position is off by 1e-2 or more
     if outer == "1":
-        assert sum(s.boundaries) > 30 and 0 < s.main_steps < len(records)  # the main stage ran once a chunk
-        assert capped == (study == "02")  # past study 02's fixed cap inside a window, and it still matched
+        assert sum(s.boundaries) > 20 and 0 < s.main_steps < len(records)  # the main stage ran once a chunk
+        if extra.get("ROUTER") != "space":  # past the fixed cap inside a window (studies 02, 03), and it matched
+            assert capped == (study != "01")
 
 
 @pytest.mark.parametrize("study", ["01", "02"])

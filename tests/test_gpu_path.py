@@ -12,17 +12,21 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from conftest import run_tiny, study02, tiny_hparams
 
 
-@pytest.fixture(scope="module")
-def precision_runs(sample_byte260, tmp_path_factory):
-    """The same tiny run in fp32 and under CPU bf16 autocast, with the Hessians GPTQ was given."""
-    t = study02()
+@pytest.fixture(scope="module", params=["02", "03"])
+def precision_runs(request, sample_byte260, tmp_path_factory):
+    """The same tiny run in fp32 and under CPU bf16 autocast, with the Hessians GPTQ was given; for
+    study 02 and for study 03 with every addition on."""
+    from conftest import STUDY03_ON, study
+
+    t = study(request.param)
+    extra = STUDY03_ON if request.param == "03" else {}
     out, captured = {}, {}
     real = t.collect_hessians
     try:
         for mode in ("off", "bf16"):
             t.collect_hessians = lambda run, mode=mode: captured.setdefault(mode, real(run))
             run, metrics = run_tiny(t, sample_byte260, tmp_path_factory.mktemp(mode) / "run", AUTOCAST=mode,
-                                    ITERATIONS="12", WARMDOWN_ITERS="4", MATRIX_LR="0.05")
+                                    ITERATIONS="12", WARMDOWN_ITERS="4", MATRIX_LR="0.05", **extra)
             out[mode] = (run, metrics)
     finally:
         t.collect_hessians = real
@@ -77,9 +81,12 @@ def compiled_tiny(t, **overrides):
     return hp, model, compiled, counter, torch.randint(4, 260, (2, hp.train_seq_len))
 
 
-def test_compiled_hnet_is_one_graph_for_training_one_for_eval_and_none_for_late_qat():
-    t = study02()
-    hp, model, compiled, counter, x = compiled_tiny(t)
+@pytest.mark.parametrize("name", ["02", "03"])
+def test_compiled_hnet_is_one_graph_for_training_one_for_eval_and_none_for_late_qat(name):
+    from conftest import STUDY03_ON, study
+
+    t = study(name)
+    hp, model, compiled, counter, x = compiled_tiny(t, **(STUDY03_ON if name == "03" else {}))
     for qat in (False, False, True, True):
         if qat:
             t.refresh_qat(model, True, True)  # late QAT switches on: new buffer values, same graph

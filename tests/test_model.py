@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from conftest import study01, study02, tiny_hparams
+from conftest import STUDY03_ON, study01, study02, study03, tiny_hparams
+from conftest import study as study_named
 
 
 @pytest.mark.parametrize("study, env, expected", [
@@ -11,9 +12,11 @@ from conftest import study01, study02, tiny_hparams
     ("02", {}, 22_966_880),  # study 02 byte260: 12 layers, OUTER_LAYERS 3, dim 512, KV 4
     ("02", {"VOCAB_SIZE": "1024", "NUM_LAYERS": "11", "TOKENIZER_PATH": "x.model"}, 21_520_472),  # study 02 sp1024
     ("02", {"VOCAB_SIZE": "1024", "NUM_LAYERS": "9", "OUTER_LAYERS": "0", "TOKENIZER_PATH": "x.model"}, 17_059_912),
+    ("03", {}, 22_966_880),  # study 03 with every addition off is study 02
+    ("03", {"VOCAB_SIZE": "1024", "NUM_LAYERS": "9", "OUTER_LAYERS": "0", "TOKENIZER_PATH": "x.model"}, 17_059_912),
 ])
 def test_parameter_counts_match_the_spec(study, env, expected):
-    t = study01() if study == "01" else study02()
+    t = study01() if study == "01" else study02() if study == "02" else study03()
     hp, _ = t.Hyperparameters.from_env(env)
     with torch.device("meta"):
         model = t.HNet(hp)
@@ -29,15 +32,22 @@ def trained_like(model, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("study, outer", [("02", 1), ("02", 0), ("01", 1)])
-def test_changing_later_bytes_never_changes_earlier_predictions(study, outer):
+CAUSAL_CASES = [("02", 1, {}), ("02", 0, {}), ("01", 1, {}), ("03", 1, STUDY03_ON), ("03", 0, STUDY03_ON),
+                ("03", 1, {**STUDY03_ON, "ROUTER": "space"}), ("03", 1, {"OFFICIAL_INIT": "1", "BIGRAM_HASH": "64"})]
+
+
+@pytest.mark.parametrize("name, outer, extra", CAUSAL_CASES)
+def test_changing_later_bytes_never_changes_earlier_predictions(name, outer, extra):
     """Study 01's chunk count depends on the whole batch, so a later edit can change it; earlier
-    positions must not notice (trailing padding chunks are invisible under causal attention)."""
-    t = study02() if study == "02" else study01()
-    hp = tiny_hparams(t, OUTER_LAYERS=str(outer), TRAIN_SEQ_LEN="96", **({"CHUNK_DIVISOR": "2"} if study == "02" else {}))
+    positions must not notice (trailing padding chunks are invisible under causal attention). Study
+    03's hashed bigrams and smear gate read the byte before: they must not read the byte after."""
+    t = study_named(name)
+    divisor = {"CHUNK_DIVISOR": "2"} if name != "01" else {}
+    hp = tiny_hparams(t, OUTER_LAYERS=str(outer), TRAIN_SEQ_LEN="96", **divisor, **extra)
     model = trained_like(t.HNet(hp))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(4, 260, (2, 96), generator=g)
+    x[torch.rand(x.shape, generator=g) < 0.2] = ord(" ") + 4  # text-like: spaces, for the rule-based router
     with torch.no_grad():
         base_h, _, base_mask = model.hidden_states(x)
         base = model.logits(base_h)
@@ -55,7 +65,7 @@ def test_changing_later_bytes_never_changes_earlier_predictions(study, outer):
                 count_changed += int(mask2.sum(1).max() != base_mask.sum(1).max())
     if outer:
         assert changed_downstream >= 3, "the test must move boundaries after the edit to mean anything"
-    if study == "01":
+    if name == "01":
         assert count_changed >= 2, "the edits must change study 01's chunk count for this to mean anything"
 
 
