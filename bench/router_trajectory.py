@@ -5,7 +5,8 @@
 Rebuilds the model from the config its checkpoints carry, loads each checkpoints/step_*.pt into
 it and measures the boundaries (boundaries.py, float weights) on the first
 --tokens validation tokens. Prints one markdown table: step, epochs of the training split read,
-bytes per chunk, word-start precision and recall, precision one byte before and after. Writes it
+bytes per chunk, word-start precision and recall, precision one byte before and after, and how
+much of the router's q/k int6 rounding zeroes (what a run on fake int6 sees of them). Writes it
 to <run>/trajectory.md (or --out).
 """
 
@@ -42,16 +43,33 @@ def trajectory(run_dir: Path, study: Path, tokens: int) -> list[dict]:
         b = boundaries.analyse(trainer, model, hp, val, device, tokens, shifts=0)
         rows.append({"step": state["step"], "epochs": state["step"] * hp.train_batch_tokens / train_tokens,
                      **{k: b[k] for k in ("tokens_per_chunk", "precision", "recall",
-                                          "precision_shift_minus1", "precision_shift_plus1")}})
+                                          "precision_shift_minus1", "precision_shift_plus1")},
+                     "router_zeroed": router_zeroed(trainer, model, hp)})
     return rows
 
 
+def router_zeroed(trainer, model, hp) -> float:
+    """The share of the router's q/k off-diagonal weights that int6 rounding (late QAT's forward, per
+    row, its scale floor as configured) sends to exactly 0: while it is near 1, a run on fake int6
+    compares its encoder states through the identity, whatever its float q/k learned."""
+    import torch
+
+    zeroed = total = 0
+    for lin in (model.routing.q_proj, model.routing.k_proj):
+        q, _ = trainer.quantize_int6_rows(lin.weight.detach(), bool(hp.quant_scale_floor))
+        off = ~torch.eye(q.size(0), dtype=torch.bool)
+        zeroed += int((q[off] == 0).sum())
+        total += int(off.sum())
+    return zeroed / total
+
+
 def table(rows: list[dict]) -> str:
-    head = ["step", "epochs", "bytes/chunk", "precision", "recall", "precision -1", "precision +1"]
+    head = ["step", "epochs", "bytes/chunk", "precision", "recall", "precision -1", "precision +1",
+            "router q/k off-diagonal at int6 0"]
     return files.markdown_table(head, [[r["step"], f"{r['epochs']:.2f}", f"{r['tokens_per_chunk']:.2f}",
                                         f"{r['precision']:.3f}", f"{r['recall']:.3f}",
-                                        f"{r['precision_shift_minus1']:.3f}", f"{r['precision_shift_plus1']:.3f}"]
-                                       for r in rows])
+                                        f"{r['precision_shift_minus1']:.3f}", f"{r['precision_shift_plus1']:.3f}",
+                                        f"{r['router_zeroed']:.3f}"] for r in rows])
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,8 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", rows["byte260_hnet"][10])
     assert (logs / "byte260_gpt_seed2.log").is_file()
     # the demo's step-counted LR warmup is off for every model, so no model's budget is mostly warmup
-    assert "lr_warmup_steps:0" in (logs / "byte260_hnet_seed1.log").read_text().splitlines()
+    lines = (logs / "byte260_hnet_seed1.log").read_text().splitlines()
+    assert "lr_warmup_steps:0" in lines and "qat_from_step:0" in lines  # not the demo's router recipe
 
 
 def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, capsys):
@@ -204,3 +205,38 @@ def test_a_committed_log_names_its_trainer_by_sha256_and_keeps_everything_else(s
     assert first.startswith("[trainer source omitted:") and digest in first  # `git show REV:path | sha256sum`
     assert rest.split("=" * 100 + "\n", 1)[1] == text.split("\n" + "=" * 100 + "\n", 1)[1]  # the rest, as written
     assert len(stripped) < len(text) - 50_000 and files.log_without_source(stripped) == stripped
+
+
+def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
+    figure = load_module("bench/minigolf_figure.py")
+    for seed, bpbs in ((1, (3.0, 2.6, 2.4)), (2, (3.2, 2.8, 2.2))):
+        lines = [f"step:{50 * i}/300 val_loss:1.0 val_bpb:{b} train_time:{1000 * (i + 1) * seed}ms step_avg:1ms"
+                 for i, b in enumerate(bpbs)]
+        (tmp_path / f"study03_hnet_seed{seed}.log").write_text("source\n" + "\n".join(lines) + "\nfinal_float x\n")
+    (tmp_path / "table.md").write_text("| not a log |")
+    data = figure.curves(tmp_path)
+    assert data == {"study03_hnet": {1: [(1.0, 3.0), (2.0, 2.6), (3.0, 2.4)], 2: [(2.0, 3.2), (4.0, 2.8), (6.0, 2.2)]}}
+    assert figure.mean_curve(data["study03_hnet"]) == [(1.5, 3.1), (3.0, 2.7), (4.5, 2.3)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no <model>_seed<S>.log with validation lines"):
+        figure.curves(tmp_path / "empty")
+
+
+def test_the_router_float_arm_quantises_everything_but_the_router():
+    import torch
+
+    from conftest import study02, tiny_hparams
+
+    t = study02()
+    bench = load_module("bench/qat_router.py")
+    model = t.HNet(tiny_hparams(t, KEEP_FLOAT_MAX_NUMEL="0"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # off the identity, so int6 rounding moves the router's q/k
+    router = (model.routing.q_proj, model.routing.k_proj)
+    t.refresh_qat(model, True, False)
+    assert all(lin.qat_delta.abs().max() > 0 for lin in router)  # the trainer's QAT rounds the router too
+    bench.router_left_float(t.refresh_qat)(model, True, False)
+    assert all(lin.qat_delta.abs().max() == 0 for lin in router)
+    others = [m for m in model.modules() if isinstance(m, t.CastedLinear) and m not in router]
+    assert others and all(m.qat_delta.abs().max() > 0 for m in others)
