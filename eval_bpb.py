@@ -113,9 +113,7 @@ def open_artifact(path: Path, args, overrides: dict):
         raise EvalError(f"{trainer_path} changed since the artifact was made (sha256 {sha[:12]} != "
                         f"{payload['trainer']['sha256'][:12]}); pass --ignore-hash to score it anyway", 3)
     trainer = import_file(trainer_path)
-    if "tensors" not in payload:  # a grouped artifact's header: its trainer reads and checks the streams
-        payload = trainer.read_artifact(path)
-    trainer.verify_payload(payload, path)
+    payload = files.checked_payload(trainer, payload, path)
     config = dict(payload["config"])
     config.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(trainer.Hyperparameters)}

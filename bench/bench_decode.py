@@ -36,7 +36,7 @@ def load(args):
         return trainer, trainer.HNet(hp).eval(), hp, "cpu_demo at initialisation"
     payload = files.read_payload(args.artifact)
     trainer = modules.trainer_of(ROOT / "studies" / payload["trainer"]["study_file"].split("/")[0])
-    trainer.verify_payload(payload, args.artifact)
+    payload = files.checked_payload(trainer, payload, args.artifact)
     names = set(trainer.Hyperparameters.__dataclass_fields__)
     hp = trainer.Hyperparameters(**{k: v for k, v in payload["config"].items() if k in names})
     return trainer, trainer.model_from_payload(payload, torch.device("cpu")), hp, str(args.artifact)

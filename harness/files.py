@@ -68,6 +68,12 @@ def read_payload(artifact: Path) -> dict:
     return payload
 
 
+def checked_payload(trainer, payload: dict, artifact: Path) -> dict:
+    """An artifact's whole payload, checked against its stored digest by the trainer that made it.
+    read_payload gives a grouped artifact's header only (no "tensors"): its trainer reads the rest."""
+    return trainer.verify_payload(payload, artifact) if "tensors" in payload else trainer.read_artifact(artifact)
+
+
 def log_without_source(text: str) -> str:
     """A train.log with the trainer's embedded source (80 KB, the challenge's format) replaced by one
     line naming it by sha256: the bench/ harnesses commit dozens of logs of one trainer, and the

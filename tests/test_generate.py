@@ -109,3 +109,20 @@ def test_the_decoding_bench_reports_both_paths_on_one_sample(tmp_path, capsys):
     fast, slow = (float(r[3].replace(",", "")) for r in rows[1:])
     # the ratio of the printed speeds, up to its own rounding (1 place) and theirs (1 place each)
     assert ratio == pytest.approx(fast / slow, abs=0.051 + fast / slow * (0.051 / fast + 0.051 / slow))
+
+
+def test_the_decoding_bench_loads_a_grouped_study03_artifact(sample_byte260, tmp_path):
+    # a grouped artifact's first read gives its header only; every reader must get the tensors
+    from argparse import Namespace
+
+    from conftest import STUDY03_ON, load_module
+
+    t = study03()
+    run_tiny(t, sample_byte260, tmp_path / "run", ITERATIONS="2", GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0",
+             **STUDY03_ON)
+    artifact = tmp_path / "run" / "final_model.int6.ptz"
+    assert artifact.read_bytes()[:4] == t.GROUPED_MAGIC
+    trainer, model, hp, _ = load_module("bench/bench_decode.py").load(Namespace(artifact=artifact, overrides=[]))
+    assert hp.export_codec == "grouped" and hp.bigram_hash == int(STUDY03_ON["BIGRAM_HASH"])
+    want = trainer.model_from_payload(trainer.read_artifact(artifact), torch.device("cpu")).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
