@@ -23,6 +23,8 @@ What keeps it fair, and what the table shows so you can judge:
   epoch, so no model wins by memorising a small corpus); "epochs" is printed;
 - no LR warmup and no early QAT for any model (a warmup counted in steps would be most of the
   runs that take few steps);
+- the runs go in rounds, one per seed, each model once a round, so drift in the machine's speed
+  over the bench is shared rather than charged to the models that ran last;
 - validation every VAL_LOSS_EVERY steps (off the clock), so bench/minigolf_figure.py can draw BPB
   against training seconds from the logs.
 Prints one table (markdown) and writes it with each run's train.log to --logs.
@@ -122,16 +124,18 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.logs.mkdir(parents=True, exist_ok=True)
     work = ROOT / "runs" / f"minigolf_{runs.unique_stamp()}"
-    results = {}
-    for name in models:
-        for seed in seeds:
+    results = {name: [] for name in models}
+    # one round per seed with every model side by side, so a machine that slows down during the
+    # bench slows every model alike rather than the ones that happened to run last
+    for seed in seeds:
+        for name in models:
             study, env, one_epoch = model_env(name, args.seconds, seed, args.overrides, args.docs)
             out = work / f"{name}_seed{seed}"
             print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {env['ITERATIONS']} steps (one epoch)", flush=True)
             row = runs.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
             row["epochs"] = row["steps"] / max(one_epoch, 1)
             row["model"], row["seed"] = name, seed
-            results.setdefault(name, []).append(row)
+            results[name].append(row)
             files.copy_log(out, args.logs / f"{name}_seed{seed}.log")
     command = " ".join(["python bench/minigolf.py", f"--seconds {args.seconds:g}", f"--seeds {args.seeds}",
                         *([f"--models {args.models}"] if models != STUDIES_FOUR else []),

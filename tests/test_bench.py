@@ -21,7 +21,8 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert code == 0
     results = json.loads((logs / "results.json").read_text())
     table = (logs / "table.md").read_text()
-    assert table in capsys.readouterr().out
+    capsys_out = capsys.readouterr().out
+    assert table in capsys_out
     body = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header row
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body}
     assert set(rows) == {"byte260_hnet", "byte260_gpt"}
@@ -43,6 +44,9 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert rows["byte260_gpt"][-1].strip(" |") == "-"  # a GPT has no chunks
     assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", rows["byte260_hnet"][10])
     assert (logs / "byte260_gpt_seed2.log").is_file()
+    # the runs go in rounds of one seed, each model once a round
+    order = re.findall(r"^=== (\S+) seed (\d+)", capsys_out, re.M)
+    assert order == [("byte260_hnet", "1"), ("byte260_gpt", "1"), ("byte260_hnet", "2"), ("byte260_gpt", "2")]
     # the demo's step-counted LR warmup is off for every model, so no model's budget is mostly warmup
     lines = (logs / "byte260_hnet_seed1.log").read_text().splitlines()
     assert "lr_warmup_steps:0" in lines and "qat_from_step:0" in lines  # not the demo's router recipe

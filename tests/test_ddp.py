@@ -9,18 +9,21 @@ import pytest
 import torch
 
 import eval_bpb
-from conftest import ROOT, TINY_ENV, run_tiny, study01, study02
+from conftest import ROOT, STUDY03_ON, TINY_ENV, run_tiny, study, study01, study02
 
 TRAINER = ROOT / "studies" / "02_improved_hnet_byte260_and_sp1024" / "train_gpt.py"
+TRAINERS = {"02": TRAINER, "03": ROOT / "studies" / "03_byte_hnet_vs_byte_gpt" / "train_gpt.py"}
+EXTRA = {"02": {}, "03": STUDY03_ON}  # study 03 with every addition on
 
 
-def test_two_processes_equal_one_process_with_accumulation(sample_byte260, tmp_path):
-    t = study02()
-    run_tiny(t, sample_byte260, tmp_path / "one", ITERATIONS="3", GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0")
-    env = {**os.environ, **TINY_ENV, "DATA_PATH": str(sample_byte260), "OUTPUT_DIR": str(tmp_path / "two"),
+@pytest.mark.parametrize("name", ["02", "03"])
+def test_two_processes_equal_one_process_with_accumulation(name, sample_byte260, tmp_path):
+    t, extra = study(name), EXTRA[name]
+    run_tiny(t, sample_byte260, tmp_path / "one", ITERATIONS="3", GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0", **extra)
+    env = {**os.environ, **TINY_ENV, **extra, "DATA_PATH": str(sample_byte260), "OUTPUT_DIR": str(tmp_path / "two"),
            "ITERATIONS": "3", "GPTQ_CALIB_BATCHES": "0", "EVAL_SLIDING": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(TRAINER)], env=env, capture_output=True, text=True, timeout=600)
+                           str(TRAINERS[name])], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size:2 grad_accum_steps:4" in proc.stdout
     one = torch.load(tmp_path / "one" / "final_model.pt", map_location="cpu")
@@ -36,8 +39,15 @@ def test_two_processes_equal_one_process_with_accumulation(sample_byte260, tmp_p
     losses = lambda d: re.findall(r"train_loss:(\S+)", (d / "train.log").read_text())
     assert losses(tmp_path / "one") == losses(tmp_path / "two")
     torch.manual_seed(1337)
-    init = t.HNet(t.Hyperparameters.from_env(TINY_ENV)[0]).state_dict()
-    assert max((one[k] - init[k]).abs().max().item() for k in one if one[k].numel()) > 1e-3  # the steps did move the weights
+    init = t.HNet(t.Hyperparameters.from_env({**TINY_ENV, **extra})[0]).state_dict()
+    moved = max((one[k] - init[k]).abs().max().item() for k in one if one[k].numel())
+    assert moved > 1e-3  # the steps did move the weights
+    # and the artifact each wrote holds the same int6 codes
+    a, b = (int6_codes(tmp_path / d / "final_model.int6.ptz", t) for d in ("one", "two"))
+    assert a.keys() == b.keys() and len(a) >= 4
+    same = sum(int((a[k]["q"] == b[k]["q"]).sum()) for k in a)
+    total = sum(a[k]["q"].numel() for k in a)
+    assert same / total > 0.999, f"{total - same} of {total} int6 codes differ"
 
 
 def test_eval_bpb_under_torchrun_matches_one_process(sample_byte260, tmp_path):
@@ -104,8 +114,8 @@ def torchrun(script, env: dict, *args, nproc: int = 2):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def int6_codes(path) -> dict:
-    t = study02()
+def int6_codes(path, t=None) -> dict:
+    t = t or study02()
     return {k: v for k, v in t.read_artifact(path)["tensors"].items() if v.get("bits") == 6}
 
 
