@@ -187,11 +187,42 @@ def test_bench_hnet_times_the_trainers_own_step_and_the_scan_against_a_loop(tmp_
         assert rows[label][1] == f"{sum(p.numel() for p in t.HNet(hp).parameters()):,}"
         ms, rate = float(rows[label][2]), float(rows[label][3].replace(",", ""))
         assert rate == pytest.approx(8 * 64 / (ms / 1000), rel=0.01)  # bytes/s is the step's tokens over its time
-    ratio = float(re.search(r"H-Net / GPT bytes per second: (\S+)x", text).group(1))
+    ratio = float(re.search(r"H-Net \(outer 1\) / GPT bytes per second: (\S+)x", text).group(1))
     hnet, gpt = (float(rows[k][3].replace(",", "")) for k in ("H-Net (outer 1)", "GPT (OUTER_LAYERS=0)"))
     assert ratio == pytest.approx(hnet / gpt, abs=0.006)
     assert float(re.search(r"max \|scan - loop\| = (\S+)", text).group(1)) < 1e-4
     assert {"log-depth scan (trainer)", "python loop over chunks"} <= set(rows)
+
+
+def test_bench_hnet_times_study_03s_named_pair_on_its_own_data(sample_byte260, tmp_path, capsys):
+    # --run/--gpt-run time the mini-golf models as runs.json defines them (every study-03 key), on
+    # the run's own shards, with the bytes per chunk of the timed steps and the cost model's FLOPs
+    from harness import cost, modules
+
+    bench = load_module("bench/bench_hnet.py")
+    small = ["MODEL_DIM=32", "NUM_HEADS=2", "NUM_KV_HEADS=1", "NUM_LAYERS=6", "TRAIN_SEQ_LEN=64",
+             "TRAIN_BATCH_TOKENS=512", "EVAL_STRIDE=32", "BIGRAM_HASH=64", f"DATA_PATH={sample_byte260}"]
+    assert bench.main(["--study", "03", "--run", "cpu", "--gpt-run", "cpu_gpt", "--steps", "2", "--warmup", "0",
+                       "--scan-length", "256", *small]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    t = load_module("studies/03_byte_hnet_vs_byte_gpt/train_gpt.py")
+    study = modules.study_dir("03")
+    for label, run, outer in (("H-Net (cpu)", "cpu", 2), ("GPT (cpu_gpt)", "cpu_gpt", 0)):
+        env, _ = modules.run_env(study, run, [*small, "MAX_WALLCLOCK_SECONDS=0", "WARMUP_STEPS=0"])
+        hp, _ = t.Hyperparameters.from_env(env)
+        assert hp.bigram_hash == 64 and hp.smear_gate == 1 and hp.outer_layers == outer
+        assert rows[label][1] == f"{sum(p.numel() for p in t.HNet(hp).parameters()):,}"
+        assert rows[label][5] == f"{cost.cost_model(t, hp)['flops_per_byte'] / 1e6:.2f} M"
+    assert 1.0 < float(rows["H-Net (cpu)"][4]) < 64 and rows["GPT (cpu_gpt)"][4] == "-"
+    # the rule router's row chunks at a trained run's rate (a boundary after each space: about 5.8
+    # bytes on English), whatever the learned router does at its initialisation
+    assert 4.0 < float(rows["H-Net (cpu, ROUTER=space)"][4]) < 8.0
+    assert len(re.findall(r"^H-Net \(cpu(, ROUTER=space)?\) / GPT bytes per second: \d+\.\d\dx", text, re.M)) == 2
+    assert f"the run's training shards ({sample_byte260})" in text
+    with pytest.raises(SystemExit):  # overrides only mean something for a named run
+        bench.main(["MODEL_DIM=32"])
 
 
 def test_a_committed_log_names_its_trainer_by_sha256_and_keeps_everything_else(sample_byte260, tmp_path):
