@@ -4,6 +4,7 @@
     python bench/minigolf.py --models study02_hnet,study03_hnet,study03_gpt,study03_rule --seeds 1337,1,2
     python bench/minigolf.py --models byte260_hnet,byte260_gpt --seconds 20 MODEL_DIM=32   # quick look
     python bench/minigolf.py --docs data/sotu_full/sotu_1790_2021_shuf1.jsonl.xz   # every address
+    python bench/minigolf.py --models study03_hnet,study03_hnet:SMEAR_GATE=0   # an ablation arm
         # 1790-2021, training order shuffled (data/sample/make_sample.py --first-year 1790
         # --shuffle-train 1): 5x the training text, the same validation speeches (2015-2021)
 
@@ -14,6 +15,8 @@ Each model is a study's named CPU run (runs.json) plus the keys below:
 - study 03's question: study02_hnet (the same as byte260_hnet), study03_hnet (study 03's `cpu`),
   study03_gpt (study 03's `cpu_gpt`: the same stack with OUTER_LAYERS=0, its parameters within 5%),
   study03_rule (study 03's `cpu` with ROUTER=space, the rule-based control).
+- an arm: MODEL:KEY=VALUE[:KEY=VALUE...] is MODEL with those keys changed, run in the same rounds
+  as the others, so an ablation and its base share the machine's drift.
 What keeps it fair, and what the table shows so you can judge:
 - equal wall clock (MAX_WALLCLOCK_SECONDS): this bench asks what each model does with the same
   time, so, unlike the fixed-step demo, its step counts depend on the machine; compare models run
@@ -89,13 +92,34 @@ def table(results: dict) -> str:
     return files.markdown_table(head, lines)
 
 
+def parse_model(name: str) -> tuple[str, dict]:
+    """'study03_hnet:SMEAR_GATE=0' -> ('study03_hnet', {'SMEAR_GATE': '0'}); the keys are checked
+    against the trainer by modules.run_env."""
+    base, *items = name.split(":")
+    keys = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isupper() or not value:
+            raise ValueError(f"{name!r}: {item!r} is not KEY=VALUE")
+        keys[key] = value
+    if base not in MODELS:
+        raise ValueError(f"{name!r}: unknown model {base!r}; known: {', '.join(MODELS)}")
+    return base, keys
+
+
+def log_name(name: str) -> str:
+    """A model or arm as a file name: 'study03_hnet:SMEAR_GATE=0' -> 'study03_hnet+SMEAR_GATE-0'."""
+    return name.replace(":", "+").replace("=", "-")
+
+
 def model_env(name: str, seconds: float, seed: int, overrides: list[str], docs: Path | None) -> tuple[Path, dict, int]:
     """The study folder and env of one model (its run, the budget and seed, overrides, its own keys)
     and the steps of one pass over its training split."""
-    study_name, run, keys = MODELS[name]
-    keys = dict(keys)
+    base, arm = parse_model(name)
+    study_name, run, keys = MODELS[base]
+    keys = {**keys, **arm}
     if docs is not None:
-        keys.update(runs.export_corpus(docs, "sp1024" if name.startswith("sp1024") else "byte260"))
+        keys.update(runs.export_corpus(docs, "sp1024" if base.startswith("sp1024") else "byte260"))
     study = modules.study_dir(study_name)
     # the model's own keys (e.g. OUTER_LAYERS=0 for a GPT) win over overrides given for every model
     env, _ = modules.run_env(study, run, [f"MAX_WALLCLOCK_SECONDS={seconds:g}", f"SEED={seed}",
@@ -118,10 +142,14 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="KEY=VALUE for every model")
     args = p.parse_intermixed_args(argv)
     models = args.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        p.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    for name in models:
+        try:
+            parse_model(name)
+        except ValueError as e:
+            p.error(f"--models: {e}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    for name in models:  # every key checked against its trainer before the first run starts
+        model_env(name, args.seconds, seeds[0], args.overrides, args.docs)
     args.logs.mkdir(parents=True, exist_ok=True)
     work = ROOT / "runs" / f"minigolf_{runs.unique_stamp()}"
     results = {name: [] for name in models}
@@ -130,13 +158,13 @@ def main(argv=None) -> int:
     for seed in seeds:
         for name in models:
             study, env, one_epoch = model_env(name, args.seconds, seed, args.overrides, args.docs)
-            out = work / f"{name}_seed{seed}"
+            out = work / f"{log_name(name)}_seed{seed}"
             print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {env['ITERATIONS']} steps (one epoch)", flush=True)
             row = runs.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
             row["epochs"] = row["steps"] / max(one_epoch, 1)
             row["model"], row["seed"] = name, seed
             results[name].append(row)
-            files.copy_log(out, args.logs / f"{name}_seed{seed}.log")
+            files.copy_log(out, args.logs / f"{log_name(name)}_seed{seed}.log")
     command = " ".join(["python bench/minigolf.py", f"--seconds {args.seconds:g}", f"--seeds {args.seeds}",
                         *([f"--models {args.models}"] if models != STUDIES_FOUR else []),
                         *([f"--docs {args.docs}"] if args.docs else []), *args.overrides])

@@ -52,6 +52,33 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert "lr_warmup_steps:0" in lines and "qat_from_step:0" in lines  # not the demo's router recipe
 
 
+def test_a_minigolf_arm_is_its_model_with_one_key_changed_run_in_the_same_rounds(sample_byte260, tmp_path, capsys):
+    minigolf = load_module("bench/minigolf.py")
+    logs = tmp_path / "logs"
+    arm = "byte260_hnet:TARGET_AVG_CHUNK_LEN=3"
+    assert minigolf.main(["--models", f"byte260_hnet,{arm}", "--seconds", "2", "--seeds", "1", "--logs", str(logs),
+                          *TINY, f"DATA_PATH={sample_byte260}"]) == 0
+    results = json.loads((logs / "results.json").read_text())
+    assert list(results) == ["byte260_hnet", arm]
+    base, changed = (logs / "byte260_hnet_seed1.log").read_text(), (logs / "byte260_hnet+TARGET_AVG_CHUNK_LEN-3_seed1.log").read_text()
+    assert "target_avg_chunk_len:6.0" in base.splitlines() and "target_avg_chunk_len:3.0" in changed.splitlines()
+    # nothing else differs between the two arms' settings
+    def settings(text):  # the hyperparameter lines the trainer prints before its first step
+        head = text.split("\nstep:", 1)[0].splitlines()
+        return {ln for ln in head if re.fullmatch(r"[a-z_0-9]+:\S*", ln) and not ln.startswith(("run_id", "output_dir"))}
+
+    assert settings(base) ^ settings(changed) == {"target_avg_chunk_len:6.0", "target_avg_chunk_len:3.0"}
+    assert f"| {arm} |" in (logs / "table.md").read_text()
+    # a bad arm is refused before any run starts
+    for bad, said in (("byte260_hnet:SMEAR", "is not KEY=VALUE"), ("nope:A=1", "unknown model 'nope'")):
+        with pytest.raises(SystemExit):
+            minigolf.main(["--models", f"byte260_hnet,{bad}", "--logs", str(tmp_path / "bad"), *TINY])
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="NOT_A_KEY"):
+        minigolf.main(["--models", "byte260_hnet,byte260_hnet:NOT_A_KEY=1", "--logs", str(tmp_path / "bad"), *TINY])
+    assert not (tmp_path / "bad" / "byte260_hnet_seed1337.log").exists()
+
+
 def test_the_seed_harness_summary_is_made_of_its_rows(sample_byte260, tmp_path, capsys):
     seeds = load_module("bench/seeds.py")
     logs = tmp_path / "logs"
