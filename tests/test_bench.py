@@ -302,3 +302,33 @@ def test_the_router_float_arm_quantises_everything_but_the_router():
     assert all(lin.qat_delta.abs().max() == 0 for lin in router)
     others = [m for m in model.modules() if isinstance(m, t.CastedLinear) and m not in router]
     assert others and all(m.qat_delta.abs().max() > 0 for m in others)
+
+
+def test_the_codec_bench_measures_the_codecs_the_trainers_write(sample_byte260, tmp_path, capsys):
+    # its baseline row is the published codec (a study-02 artifact's own size) and its grouped row is
+    # what study 03 writes with EXPORT_CODEC=grouped (that artifact's own size), from the same payload
+    from conftest import STUDY03_ON, run_tiny, study, study02
+
+    run_tiny(study02(), sample_byte260, tmp_path / "s02", ITERATIONS="2", GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0")
+    run_tiny(study("03"), sample_byte260, tmp_path / "s03", ITERATIONS="2", GPTQ_CALIB_BATCHES="0", EVAL_SLIDING="0",
+             **STUDY03_ON)
+    codecs = load_module("bench/codecs.py")
+    a02, a03 = (tmp_path / d / "final_model.int6.ptz" for d in ("s02", "s03"))
+    out = tmp_path / "codecs.md"
+    assert codecs.main([str(a02), str(a03), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): [c.strip("| ") for c in line.split(" | ")[1:]]
+            for line in text.splitlines() if line.startswith("| ")}
+    num = lambda cell: int(cell.replace(",", ""))
+    assert num(rows["torch.save + zstd-22"][0]) == a02.stat().st_size  # the published int6 format, exactly
+    assert num(rows["study 03 EXPORT_CODEC=grouped (written, with its header)"][1]) == a03.stat().st_size
+    best = "grouped, best of the two a stream, shuffled (streams only)"
+    for i in (0, 1):  # the best of two per stream is no larger than either codec alone
+        alone = [num(rows[f"grouped, {c}, shuffled (streams only)"][i]) for c in ("zstd-22", "lzma")]
+        assert num(rows[best][i]) <= min(alone)
+    flipped = bytearray(a02.read_bytes())
+    flipped[len(flipped) // 2] ^= 1
+    (tmp_path / "bad.ptz").write_bytes(bytes(flipped))
+    assert codecs.main([str(tmp_path / "bad.ptz")]) == 2
+    assert "bad.ptz" in capsys.readouterr().err
