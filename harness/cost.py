@@ -39,11 +39,14 @@ def estimate_size(trainer, hp) -> dict:
     params = sum(p.numel() for p in model.parameters())
     code = len(Path(trainer.__file__).read_bytes())
     return {"model_params": params, "float_bytes": 4 * params, "format": fmt, "code_bytes": code,
+            "codec": codec.get("export_codec", "torch_zstd"),
             "estimated_model_bytes": model_bytes, "estimated_total_bytes": code + model_bytes}
 
 
 def print_estimate(e: dict, cap: int, published: dict | None) -> None:
     label = {"int8": "int8 + zlib-9", "int6": "int6 + zstd-22"}[e["format"]]
+    if e.get("codec") == "grouped" and e["format"] == "int6":
+        label = "int6, grouped streams (zstd-22 or lzma, byte-shuffled)"
     total = e["estimated_total_bytes"]
     print(f"model_params:{e['model_params']}")
     print(f"float_bytes:{e['float_bytes']} (fp32 weights)")
