@@ -30,7 +30,10 @@ What keeps it fair, and what the table shows so you can judge:
   over the bench is shared rather than charged to the models that ran last;
 - validation every VAL_LOSS_EVERY steps (off the clock), so bench/minigolf_figure.py can draw BPB
   against training seconds from the logs.
-Prints one table (markdown) and writes it with each run's train.log to --logs.
+Prints one table (markdown) and writes it with each run's train.log to --logs. Its last column
+is each model's round-trip BPB minus the first model's at the same seed, mean (min to max): put
+the base first and an arm's effect is read there, with the seed's own luck cancelled.
+`--retable` rewrites a logs folder's table from its results.json (after the columns change).
 """
 
 from __future__ import annotations
@@ -69,25 +72,30 @@ MODELS = {
 STUDIES_FOUR = ["byte260_hnet", "byte260_gpt", "sp1024_gpt", "sp1024_hnet"]
 
 
-def spread(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+def paired(rows: list[dict], base: list[dict]) -> str:
+    """Round-trip BPB minus the first model's at the same seed (both ran in that seed's round):
+    mean (min to max). The seeds' shared init and data order cancel, so this is steadier than the
+    difference of the two means."""
+    ref = {r["seed"]: r["roundtrip"] for r in base}
+    diffs = [r["roundtrip"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
+    return files.spread(diffs, "{:+.4f}") if diffs else "-"
 
 
 def table(results: dict) -> str:
+    first = next(iter(results))
     head = ["model", "params", "context bytes", "train bytes/s", "steps", "epochs", "float BPB", "round-trip BPB",
-            "artifact bytes", "bytes/chunk", "precision", "recall", "chunk CV"]
+            "artifact bytes", "bytes/chunk", "precision", "recall", "chunk CV", f"round trip - {first}'s, same seed"]
     lines = []
     for name, rows in results.items():
         b = [r["boundaries"] for r in rows if r["boundaries"]]
-        cells = [name, f"{rows[0]['params']:,}", f"{rows[0]['context_bytes']:.0f}",
-                 spread([r["train_bytes_per_s"] for r in rows], "{:,.0f}"), spread([r["steps"] for r in rows], "{:.0f}"),
-                 spread([r["epochs"] for r in rows], "{:.2f}"), spread([r["float"] for r in rows], "{:.4f}"),
-                 spread([r["roundtrip"] for r in rows], "{:.4f}"), spread([r["bytes"] for r in rows], "{:,.0f}")]
-        cells += [spread([x[k] for x in b], f) if b else "-" for k, f in
+        col = lambda key, fmt: files.spread([r[key] for r in rows], fmt)  # noqa: E731
+        cells = [name, f"{rows[0]['params']:,}", f"{rows[0]['context_bytes']:.0f}", col("train_bytes_per_s", "{:,.0f}"),
+                 col("steps", "{:.0f}"), col("epochs", "{:.2f}"), col("float", "{:.4f}"), col("roundtrip", "{:.4f}"),
+                 col("bytes", "{:,.0f}")]
+        cells += [files.spread([x[k] for x in b], f) if b else "-" for k, f in
                   (("bytes_per_chunk", "{:.2f}"), ("precision", "{:.3f}"), ("recall", "{:.3f}"),
                    ("chunk_bytes_cv", "{:.2f}"))]
+        cells.append("-" if name == first else paired(rows, results[first]))
         lines.append(cells)
     return files.markdown_table(head, lines)
 
@@ -139,8 +147,15 @@ def main(argv=None) -> int:
     p.add_argument("--logs", type=Path, default=ROOT / "bench" / "logs" / "minigolf", help="where logs and the table go")
     p.add_argument("--docs", type=Path, help="a documents file to train and validate on instead of the sample "
                                              "(exported to byte260 and sp1024 on first use)")
+    p.add_argument("--retable", action="store_true", help="rewrite --logs' table.md from its results.json, "
+                                                             "keeping its command line, and run nothing")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE for every model")
     args = p.parse_intermixed_args(argv)
+    if args.retable:
+        results = json.loads((args.logs / "results.json").read_text())
+        intro = (args.logs / "table.md").read_text().split("\n\n", 1)[0]
+        files.write_atomic(args.logs / "table.md", f"{intro}\n\n{table(results)}\n")
+        return 0
     models = args.models.split(",")
     for name in models:
         try:

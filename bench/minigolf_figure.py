@@ -1,12 +1,18 @@
 """Validation BPB against training seconds, one line per mini-golf model, from the runs' own logs.
 
-    python bench/minigolf_figure.py bench/logs/study03_sotu_full --out studies/03_byte_hnet_vs_byte_gpt/bpb_vs_seconds.png
+    python bench/minigolf_figure.py bench/logs/minigolf_study03/sotu_full \
+        --out studies/03_byte_hnet_vs_byte_gpt/bpb_vs_seconds.png
 
 Reads every <model>_seed<S>.log in the folder (bench/minigolf.py writes them), takes the periodic
 `step:S/N val_loss:... val_bpb:... train_time:...ms` lines (validation is off the training clock,
 so train_time is the x axis as the runs saw it) and draws each model's mean over its seeds, the
 seeds themselves faint. The points are the float model's non-overlapping scores during training;
 the table's round trip is the artifact's, after export. Needs matplotlib (optional: for figures only).
+
+    python bench/minigolf_figure.py bench/logs/minigolf_study03/ablation --at-step 200 --base study03_hnet
+
+prints instead each model's validation BPB at one step (equal steps, where the table is at equal
+seconds), and with --base its difference from that model at the same seed.
 """
 
 from __future__ import annotations
@@ -17,23 +23,54 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import files  # noqa: E402
+
 LOG = re.compile(r"^(?P<model>.+)_seed(?P<seed>\d+)\.log$")
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", re.M)
 
 
-def curves(folder: Path) -> dict[str, dict[int, list[tuple[float, float]]]]:
-    """{model: {seed: [(training seconds, val_bpb), ...]}} from a mini-golf logs folder."""
+def validations(folder: Path) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
+    """{model: {seed: [(step, training seconds, val_bpb), ...]}} from a mini-golf logs folder."""
     out: dict = {}
     for path in sorted(folder.glob("*.log")):
         m = LOG.match(path.name)
         if not m:
             continue
-        points = [(int(ms) / 1000, float(bpb)) for _, bpb, ms in VAL.findall(path.read_text(encoding="utf-8"))]
+        text = path.read_text(encoding="utf-8")
+        points = [(int(step), int(ms) / 1000, float(bpb)) for step, bpb, ms in VAL.findall(text)]
         if points:
             out.setdefault(m["model"], {})[int(m["seed"])] = points
     if not out:
         raise SystemExit(f"error: {folder} holds no <model>_seed<S>.log with validation lines (VAL_LOSS_EVERY > 0)")
     return out
+
+
+def curves(folder: Path) -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """{model: {seed: [(training seconds, val_bpb), ...]}}: what the figure draws."""
+    return {model: {seed: [(sec, bpb) for _, sec, bpb in points] for seed, points in seeds.items()}
+            for model, seeds in validations(folder).items()}
+
+
+def at_step(folder: Path, step: int, base: str | None) -> str:
+    """A markdown table of each model's validation BPB at `step`, over the seeds that reached it,
+    and with `base` its difference from that model at the same seed."""
+    data = {model: {seed: bpb for seed, points in seeds.items() for s, _, bpb in points if s == step}
+            for model, seeds in validations(folder).items()}
+    if base is not None and base not in data:
+        raise SystemExit(f"error: --base {base}: no such model in {folder} (have: {', '.join(sorted(data))})")
+
+    rows = []
+    for model, by_seed in data.items():
+        cells = [model, ", ".join(map(str, sorted(by_seed))) or "none",
+                 files.spread(list(by_seed.values()), "{:.4f}") if by_seed else "-"]
+        if base is not None:
+            diffs = [bpb - data[base][seed] for seed, bpb in by_seed.items() if seed in data[base]]
+            cells.append("-" if model == base or not diffs else files.spread(diffs, "{:+.4f}"))
+        rows.append(cells)
+    head = ["model", f"seeds at step {step}", f"validation BPB at step {step}"]
+    head += [f"minus {base}'s, same seed"] if base is not None else []
+    return files.markdown_table(head, rows)
 
 
 def mean_curve(seeds: dict[int, list[tuple[float, float]]]) -> list[tuple[float, float]]:
@@ -71,9 +108,16 @@ def draw(data: dict, out: Path, title: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logs", type=Path, help="a bench/minigolf.py --logs folder")
-    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--out", type=Path, help="the PNG to write")
     p.add_argument("--title", default="", help="the figure's title (default: the folder's name)")
+    p.add_argument("--at-step", type=int, help="print each model's validation BPB at this step instead of drawing")
+    p.add_argument("--base", help="with --at-step: a model to subtract, seed by seed")
     args = p.parse_args(argv)
+    if args.at_step is not None:
+        print(at_step(args.logs, args.at_step, args.base))
+        return 0
+    if args.out is None:
+        p.error("--out is required to draw the figure")
     data = curves(args.logs)
     draw(data, args.out, args.title or args.logs.name)
     print(f"wrote {args.out}: " + ", ".join(f"{m} ({len(s)} seeds)" for m, s in sorted(data.items())))

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import statistics
 from pathlib import Path
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -29,6 +30,15 @@ def report(text: str, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """'mean (min-max)' of a table cell, or the one value; a signed format ('{:+.4f}') reads
+    'mean (min to max)' so that a minus sign is never taken for the dash."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    sep = " to " if "+" in fmt else "-"
+    return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}{sep}{fmt.format(max(values))})"
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:

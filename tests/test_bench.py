@@ -41,7 +41,16 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
         bpbs = [r["roundtrip"] for r in runs]
         mean = sum(bpbs) / 2
         assert rows[name][7] == f"{mean:.4f} ({min(bpbs):.4f}-{max(bpbs):.4f})"
-    assert rows["byte260_gpt"][-1].strip(" |") == "-"  # a GPT has no chunks
+    assert rows["byte260_gpt"][-2] == "-"  # a GPT has no chunks
+    # the GPT against the first model, seed by seed: the mean of the two same-seed differences
+    hnet, gpt = ({r["seed"]: r["roundtrip"] for r in results[m]} for m in ("byte260_hnet", "byte260_gpt"))
+    diffs = [gpt[s] - hnet[s] for s in (1, 2)]
+    assert rows["byte260_gpt"][-1].strip(" |") == (f"{sum(diffs) / 2:+.4f} ({min(diffs):+.4f} to {max(diffs):+.4f})")
+    assert rows["byte260_hnet"][-1].strip(" |") == "-"
+    # --retable rebuilds the same table from results.json, its command line kept
+    (logs / "table.md").write_text(table.split("\n\n")[0] + "\n\nstale\n")
+    assert minigolf.main(["--retable", "--logs", str(logs)]) == 0
+    assert (logs / "table.md").read_text() == table
     assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", rows["byte260_hnet"][10])
     assert (logs / "byte260_gpt_seed2.log").is_file()
     # the runs go in rounds of one seed, each model once a round
@@ -279,6 +288,16 @@ def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
     data = figure.curves(tmp_path)
     assert data == {"study03_hnet": {1: [(1.0, 3.0), (2.0, 2.6), (3.0, 2.4)], 2: [(2.0, 3.2), (4.0, 2.8), (6.0, 2.2)]}}
     assert figure.mean_curve(data["study03_hnet"]) == [(1.5, 3.1), (3.0, 2.7), (4.5, 2.3)]
+    # at equal steps: an arm's value at step 50 and its difference from the base, seed by seed
+    for seed, bpb in ((1, 2.5), (2, 2.9)):
+        (tmp_path / f"study03_hnet+SMEAR_GATE-0_seed{seed}.log").write_text(
+            f"step:50/300 val_loss:1.0 val_bpb:{bpb} train_time:9ms step_avg:1ms\n")
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
+            for line in figure.at_step(tmp_path, 50, "study03_hnet").splitlines()[2:]}
+    assert rows["study03_hnet"] == ["study03_hnet", "1, 2", "2.7000 (2.6000-2.8000)", "-"]
+    assert rows["study03_hnet+SMEAR_GATE-0"][2:] == ["2.7000 (2.5000-2.9000)", "+0.0000 (-0.1000 to +0.1000)"]
+    with pytest.raises(SystemExit, match="--base nope"):
+        figure.at_step(tmp_path, 50, "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no <model>_seed<S>.log with validation lines"):
         figure.curves(tmp_path / "empty")
