@@ -78,7 +78,10 @@ def measure(artifact: Path) -> dict:
 def report(results: list[dict], argv: list[str]) -> str:
     names = list(results[0]["sizes"])
     base = "torch.save + zstd-22"
-    head = ["codec", *(Path(r["artifact"]).parent.name or r["artifact"] for r in results), "mean change"]
+    runs = [Path(r["artifact"]).parent.name or r["artifact"] for r in results]
+    if len(set(runs)) < len(runs):  # the same run name in two benches: name its folder too
+        runs = ["/".join(Path(r["artifact"]).parts[-3:-1]) for r in results]
+    head = ["codec", *runs, "mean change"]
     rows = []
     for n in names:
         change = sum(r["sizes"][n] / r["sizes"][base] - 1 for r in results) / len(results)
@@ -87,7 +90,7 @@ def report(results: list[dict], argv: list[str]) -> str:
     stream_rows = [[k, f"{v['raw']:,}", *(f"{v[c]:,}" for c in list(v)[1:])] for k, v in kinds.items()]
     return "\n".join([f"`python bench/codecs.py {' '.join(argv)}`: model bytes of each artifact's payload "
                       "(code excluded) by codec", "", files.markdown_table(head, rows), "",
-                      f"Streams of {Path(results[0]['artifact']).parent.name}: raw bytes and each codec's", "",
+                      f"Streams of {runs[0]}: raw bytes and each codec's", "",
                       files.markdown_table(["stream", "raw", *list(kinds[next(iter(kinds))])[1:]], stream_rows),
                       "", f"grouped header (JSON + sha256 + framing): {results[0]['header_bytes']:,} bytes"]) + "\n"
 
