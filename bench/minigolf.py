@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -72,15 +71,6 @@ MODELS = {
 STUDIES_FOUR = ["byte260_hnet", "byte260_gpt", "sp1024_gpt", "sp1024_hnet"]
 
 
-def paired(rows: list[dict], base: list[dict]) -> str:
-    """Round-trip BPB minus the first model's at the same seed (both ran in that seed's round):
-    mean (min to max). The seeds' shared init and data order cancel, so this is steadier than the
-    difference of the two means."""
-    ref = {r["seed"]: r["roundtrip"] for r in base}
-    diffs = [r["roundtrip"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
-    return files.spread(diffs, "{:+.4f}") if diffs else "-"
-
-
 def table(results: dict) -> str:
     first = next(iter(results))
     head = ["model", "params", "context bytes", "train bytes/s", "steps", "epochs", "float BPB", "round-trip BPB",
@@ -95,7 +85,9 @@ def table(results: dict) -> str:
         cells += [files.spread([x[k] for x in b], f) if b else "-" for k, f in
                   (("bytes_per_chunk", "{:.2f}"), ("precision", "{:.3f}"), ("recall", "{:.3f}"),
                    ("chunk_bytes_cv", "{:.2f}"))]
-        cells.append("-" if name == first else paired(rows, results[first]))
+        roundtrips = {r["seed"]: r["roundtrip"] for r in rows}  # against the first model's, same round
+        cells.append("-" if name == first else
+                     files.paired(roundtrips, {r["seed"]: r["roundtrip"] for r in results[first]}))
         lines.append(cells)
     return files.markdown_table(head, lines)
 

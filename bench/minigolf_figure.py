@@ -65,8 +65,7 @@ def at_step(folder: Path, step: int, base: str | None) -> str:
         cells = [model, ", ".join(map(str, sorted(by_seed))) or "none",
                  files.spread(list(by_seed.values()), "{:.4f}") if by_seed else "-"]
         if base is not None:
-            diffs = [bpb - data[base][seed] for seed, bpb in by_seed.items() if seed in data[base]]
-            cells.append("-" if model == base or not diffs else files.spread(diffs, "{:+.4f}"))
+            cells.append("-" if model == base else files.paired(by_seed, data[base]))
         rows.append(cells)
     head = ["model", f"seeds at step {step}", f"validation BPB at step {step}"]
     head += [f"minus {base}'s, same seed"] if base is not None else []

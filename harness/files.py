@@ -41,6 +41,14 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}{sep}{fmt.format(max(values))})"
 
 
+def paired(values: dict, base: dict) -> str:
+    """An arm against its base, seed by seed ({seed: value} each): the spread of value - base's value
+    over the seeds both have, '-' if none. Same-seed pairs share init and data order, so their luck
+    cancels."""
+    diffs = [v - base[seed] for seed, v in values.items() if seed in base]
+    return spread(diffs, "{:+.4f}") if diffs else "-"
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
