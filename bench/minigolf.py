@@ -73,6 +73,7 @@ STUDIES_FOUR = ["byte260_hnet", "byte260_gpt", "sp1024_gpt", "sp1024_hnet"]
 
 def table(results: dict) -> str:
     first = next(iter(results))
+    roundtrip = {name: {r["seed"]: r["roundtrip"] for r in rows} for name, rows in results.items()}
     head = ["model", "params", "context bytes", "train bytes/s", "steps", "epochs", "float BPB", "round-trip BPB",
             "artifact bytes", "bytes/chunk", "precision", "recall", "chunk CV", f"round trip - {first}'s, same seed"]
     lines = []
@@ -85,9 +86,8 @@ def table(results: dict) -> str:
         cells += [files.spread([x[k] for x in b], f) if b else "-" for k, f in
                   (("bytes_per_chunk", "{:.2f}"), ("precision", "{:.3f}"), ("recall", "{:.3f}"),
                    ("chunk_bytes_cv", "{:.2f}"))]
-        roundtrips = {r["seed"]: r["roundtrip"] for r in rows}  # against the first model's, same round
-        cells.append("-" if name == first else
-                     files.paired(roundtrips, {r["seed"]: r["roundtrip"] for r in results[first]}))
+        # against the first model's round trip in the same round (same seed)
+        cells.append("-" if name == first else files.paired(roundtrip[name], roundtrip[first]))
         lines.append(cells)
     return files.markdown_table(head, lines)
 
