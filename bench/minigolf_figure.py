@@ -12,7 +12,8 @@ the table's round trip is the artifact's, after export. Needs matplotlib (option
     python bench/minigolf_figure.py bench/logs/minigolf_study03/ablation --at-step 200 --base study03_hnet
 
 prints instead each model's validation BPB at one step (equal steps, where the table is at equal
-seconds), and with --base its difference from that model at the same seed.
+seconds), and with --base its difference from that model at the same seed; --write also writes it,
+under a line that says how it was made, to the folder's at_step<N>.md (the file the READMEs link).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from harness import files  # noqa: E402
 
 LOG = re.compile(r"^(?P<model>.+)_seed(?P<seed>\d+)\.log$")
@@ -72,6 +74,17 @@ def at_step(folder: Path, step: int, base: str | None) -> str:
     return files.markdown_table(head, rows)
 
 
+def at_step_file(folder: Path, step: int, base: str | None) -> str:
+    """at_step's table under the command that makes it and what it holds: at_step<N>.md's text."""
+    shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
+    command = f"python bench/minigolf_figure.py {shown.as_posix()} --at-step {step}"
+    command += f" --base {base}" if base is not None else ""
+    what = (f"the float model's validation BPB at step {step} (the runs' own periodic lines), "
+            "mean (min-max) over seeds")
+    what += ", and its difference from the base at the same seed" if base is not None else ""
+    return f"`{command}`: {what}\n\n{at_step(folder, step, base)}\n"
+
+
 def mean_curve(seeds: dict[int, list[tuple[float, float]]]) -> list[tuple[float, float]]:
     """Point i of the mean: the seeds' i-th validations (the same step of each), averaged."""
     n = min(len(p) for p in seeds.values())
@@ -111,9 +124,15 @@ def main(argv=None) -> int:
     p.add_argument("--title", default="", help="the figure's title (default: the folder's name)")
     p.add_argument("--at-step", type=int, help="print each model's validation BPB at this step instead of drawing")
     p.add_argument("--base", help="with --at-step: a model to subtract, seed by seed")
+    p.add_argument("--write", action="store_true", help="with --at-step: also write the folder's at_step<N>.md")
     args = p.parse_args(argv)
+    if args.write and args.at_step is None:
+        p.error("--write needs --at-step")
     if args.at_step is not None:
-        print(at_step(args.logs, args.at_step, args.base))
+        text = at_step_file(args.logs, args.at_step, args.base)
+        print(text, end="")
+        if args.write:
+            files.write_atomic(args.logs / f"at_step{args.at_step}.md", text)
         return 0
     if args.out is None:
         p.error("--out is required to draw the figure")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_module
+from conftest import ROOT, load_module
 
 TINY = ["MODEL_DIM=32", "NUM_HEADS=2", "NUM_KV_HEADS=1", "NUM_LAYERS=4", "OUTER_LAYERS=1", "TRAIN_SEQ_LEN=64",
         "TRAIN_BATCH_TOKENS=1024", "VAL_MAX_TOKENS=2048", "KEEP_FLOAT_MAX_NUMEL=256", "GPTQ_CALIB_BATCHES=2",
@@ -301,6 +301,23 @@ def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no <model>_seed<S>.log with validation lines"):
         figure.curves(tmp_path / "empty")
+    assert figure.main([str(tmp_path), "--at-step", "50", "--base", "study03_hnet", "--write"]) == 0
+    written = (tmp_path / "at_step50.md").read_text()
+    assert written.startswith(f"`python bench/minigolf_figure.py {tmp_path.as_posix()} --at-step 50 --base study03_hnet`")
+    assert written.endswith("\n\n" + figure.at_step(tmp_path, 50, "study03_hnet") + "\n")
+
+
+def test_every_committed_at_step_table_is_what_its_logs_give_now():
+    """The READMEs quote the at_step<N>.md files; each must be the script's output on its folder's
+    committed logs, byte for byte, with the command in its first line."""
+    figure = load_module("bench/minigolf_figure.py")
+    tables = sorted((ROOT / "bench" / "logs").rglob("at_step*.md"))
+    assert len(tables) >= 20
+    for path in tables:
+        m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --at-step (\d+)(?: --base (\S+))?`: .*",
+                         path.read_text().split("\n", 1)[0])
+        assert m and ROOT / m[1] == path.parent and path.name == f"at_step{m[2]}.md", path
+        assert figure.at_step_file(path.parent, int(m[2]), m[3]) == path.read_text(), path
 
 
 def test_the_router_float_arm_quantises_everything_but_the_router():
