@@ -303,7 +303,8 @@ def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
         figure.curves(tmp_path / "empty")
     assert figure.main([str(tmp_path), "--at-step", "50", "--base", "study03_hnet", "--write"]) == 0
     written = (tmp_path / "at_step50.md").read_text()
-    assert written.startswith(f"`python bench/minigolf_figure.py {tmp_path.as_posix()} --at-step 50 --base study03_hnet`")
+    command = f"python bench/minigolf_figure.py {tmp_path.as_posix()} --at-step 50 --base study03_hnet"
+    assert written.startswith(f"`{command}`: ")
     assert written.endswith("\n\n" + figure.at_step(tmp_path, 50, "study03_hnet") + "\n")
 
 
