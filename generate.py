@@ -63,9 +63,8 @@ class CachedAttention:
         positions = torch.arange(cache["pos"], cache["pos"] + n, device=x.device, dtype=torch.float32)
         angles = positions[:, None] * a.rotary.inv_freq[None, :]
         cos, sin = angles.cos().to(q.dtype)[None, None], angles.sin().to(q.dtype)[None, None]
-        rotate = getattr(a, "rotate", t.apply_rotary)  # study 03's partial RoPE rotates part of each head
-        q = rotate(q, cos, sin) * a.q_gain.to(q.dtype)[None, :, None, None]
-        k = rotate(k, cos, sin)
+        q = t.apply_rotary(q, cos, sin) * a.q_gain.to(q.dtype)[None, :, None, None]
+        k = t.apply_rotary(k, cos, sin)
         cache["k"] = k if cache["k"] is None else torch.cat((cache["k"], k), dim=2)
         cache["v"] = v if cache["v"] is None else torch.cat((cache["v"], v), dim=2)
         cache["pos"] += n
@@ -75,8 +74,6 @@ class CachedAttention:
         keys, values = cache["k"].repeat_interleave(group, dim=1), cache["v"].repeat_interleave(group, dim=1)
         weights = torch.softmax((q @ keys.transpose(-1, -2)).float() / a.head_dim ** 0.5, dim=-1)
         y = weights.to(values.dtype) @ values
-        if getattr(a, "xsa", False):  # study 03's XSA: without the component along its own value
-            y = t.exclude_self(y, v)
         return a.proj(y.transpose(1, 2).reshape(b, n, d))
 
 

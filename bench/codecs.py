@@ -93,7 +93,8 @@ def report(results: list[dict], argv: list[str]) -> str:
                       "(code excluded) by codec", "", files.markdown_table(head, rows), "",
                       f"Streams of {runs[0]}: raw bytes and each codec's", "",
                       files.markdown_table(["stream", "raw", *list(kinds[next(iter(kinds))])[1:]], stream_rows),
-                      "", f"grouped header (JSON + sha256 + framing): {results[0]['header_bytes']:,} bytes"]) + "\n"
+                      "", "grouped header (zstd-compressed JSON + sha256 + framing): "
+                      f"{results[0]['header_bytes']:,} bytes"]) + "\n"
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GROUPED_MAGIC = b"HNG1"  # study 03's EXPORT_CODEC=grouped: a JSON header, then the compressed streams
+GROUPED_MAGIC = b"HNG2"  # study 03's EXPORT_CODEC=grouped: a zstd-compressed JSON header, then the streams
 LOG_SEPARATOR = "=" * 100  # the trainers' line between their own source and the rest of train.log
 OMITTED = "[trainer source omitted:"  # how log_without_source's one line begins
 
@@ -72,8 +72,12 @@ def read_payload(artifact: Path) -> dict:
     blob = artifact.read_bytes()
     grouped = blob[:4] == GROUPED_MAGIC  # its header names the trainer, whose read_artifact decodes the rest
     try:
+        if blob[:4] == b"HNG1":
+            raise ValueError("a grouped artifact of an older study-03 trainer (plain JSON header); "
+                             "commit 25926f2 reads it")
         if grouped:
-            payload = json.loads(blob[8:8 + int.from_bytes(blob[4:8], "little")])
+            head = blob[8:8 + int.from_bytes(blob[4:8], "little")]
+            payload = json.loads(zstandard.ZstdDecompressor().decompress(head))
         else:
             raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == ZSTD_MAGIC else zlib.decompress(blob)
             payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

@@ -48,8 +48,7 @@ def study(name: str):
 # stage, the byte-transformer stack, per-stage LRs, the grouped codec): what holds for study 02
 # must hold with them. OFFICIAL_INIT and ROUTER=space change the model's structure: tests add them.
 STUDY03_ON = {"OUTER_DIM": "16", "OUTER_MLP_MULT": "0", "MAIN_LOOPS": "2", "BIGRAM_HASH": "512", "SMEAR_GATE": "1",
-              "ACTIVATION": "leaky_relu2", "XSA_LAYERS": "1", "ROPE_DIMS": "4", "LN_SCALE": "1",
-              "MUON_WEIGHT_DECAY": "0.04", "OUTER_LR_MULT": "2", "EXPORT_CODEC": "grouped"}
+              "ACTIVATION": "leaky_relu2", "OUTER_LR_MULT": "2", "EXPORT_CODEC": "grouped"}
 
 
 def tiny_env(t) -> dict:

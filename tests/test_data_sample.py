@@ -4,6 +4,8 @@ import json
 import lzma
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, load_module
 
 SAMPLE_DIR = ROOT / "data" / "sample"
@@ -101,3 +103,40 @@ def test_shuffled_training_order_is_deterministic_and_keeps_validation_first(tmp
     assert years["a"][:7] == years["year"][:7] == list(range(2015, 2022))  # validation untouched, first
     assert sorted(years["a"][7:]) == years["year"][7:] != years["a"][7:]  # the same documents, reordered
     assert "random.Random(7)" in meta["train_order"]
+
+
+def test_training_pieces_reassemble_to_the_speeches_and_leave_validation_whole(tmp_path, monkeypatch):
+    make_sample = load_module("data/sample/make_sample.py")
+    tarball = package_tarball(tmp_path / "pkg.tgz")
+    monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    made = {}
+    for run, extra in (("whole", []), ("a", ["--train-pieces", "2048"]), ("b", ["--train-pieces", "2048"])):
+        (tmp_path / run).mkdir()
+        assert make_sample.main([str(tarball), "--out-dir", str(tmp_path / run), "--shuffle-train", "7", *extra]) == 0
+        name = "sotu_1961_2021_shuf7" + ("_pieces2048" if extra else "")
+        made[run] = [json.loads(line) for line in lzma.open(tmp_path / run / f"{name}.jsonl.xz", "rt")]
+    assert made["a"] == made["b"]  # deterministic
+    whole, pieces = made["whole"], made["a"]
+    assert pieces[:7] == whole[:7]  # the validation speeches, whole and first
+    by_speech = {}
+    for doc in pieces[7:]:
+        by_speech.setdefault((doc["year"], doc["president"]), {})[doc["piece"]] = doc["text"]  # 1961 had two
+    assert len(pieces) - 7 > 10 * (len(whole) - 7)  # about 15 pieces a speech
+    for speech in whole[7:]:
+        key = speech["year"], speech["president"]
+        own = [by_speech[key][i] for i in range(len(by_speech[key]))]
+        assert " ".join(own) == speech["text"]  # nothing lost but the one space at each cut
+        assert all(len(p.encode()) >= 2048 and p[-1] in ".?!\"')\u201d\u2019" for p in own[:-1])
+    years = [d["year"] for d in pieces[7:]]
+    assert sum(a != b for a, b in zip(years, years[1:])) > 0.9 * len(years)  # neighbours from other speeches
+    meta = json.loads((tmp_path / "a" / "sotu_1961_2021_shuf7_pieces2048.meta.json").read_text())
+    assert meta["num_docs"] == len(pieces) and meta["docs_val"] == 7 and "cut_into_pieces" in meta["train_pieces"]
+    with pytest.raises(SystemExit):  # pieces in year order would read one speech after another
+        make_sample.main([str(tarball), "--out-dir", str(tmp_path), "--train-pieces", "2048"])
+
+
+def test_a_piece_ends_only_at_a_sentence_end_and_keeps_a_trailing_space():
+    cut = load_module("data/sample/make_sample.py").cut_into_pieces
+    text = "One two. Three (four.) Five? \u201cSix.\u201d Seven 3.5 eight. "
+    assert cut(text, 5) == ["One two.", "Three (four.)", "Five?", "\u201cSix.\u201d", "Seven 3.5 eight. "]
+    assert cut(text, 1000) == [text] and cut("", 5) == [""]

@@ -31,10 +31,12 @@ def test_two_processes_equal_one_process_with_accumulation(name, sample_byte260,
     # Same batches, fp32 sums in another order (two ranks' means vs eight accumulated micro-steps).
     # Muon's matrices agree to 1e-5 after three steps. Adam's vectors get 1e-3: in the first steps
     # some of their gradients are near zero (zero-init projections) and Adam divides each by its own
-    # RMS, which magnifies summation-order noise. A wrong batch split or a missing average is ~1e-2.
+    # RMS, which magnifies summation-order noise; so do Adam's tables (the embedding and study 03's
+    # bigram table; seen at 4e-5). A wrong batch split or a missing average is ~1e-2.
+    adam_tables = ("tok_emb.weight", "bigram.table.weight")
     for k in one:
         if one[k].numel():
-            tol = 1e-5 if k.endswith(".weight") and one[k].ndim == 2 and k != "tok_emb.weight" else 1e-3
+            tol = 1e-5 if k.endswith(".weight") and one[k].ndim == 2 and k not in adam_tables else 1e-3
             assert (one[k] - two[k]).abs().max().item() < tol, k
     losses = lambda d: re.findall(r"train_loss:(\S+)", (d / "train.log").read_text())
     assert losses(tmp_path / "one") == losses(tmp_path / "two")

@@ -11,8 +11,7 @@ from conftest import STUDY03_ON, final_state, run_tiny, study02, study03, tiny_h
 
 # each addition of study 03 with a value that switches it on at the tiny size
 ADDITIONS = {"OUTER_DIM": "16", "OUTER_MLP_MULT": "0", "MAIN_LOOPS": "2", "OUTER_LR_MULT": "2", "OFFICIAL_INIT": "1",
-             "BIGRAM_HASH": "512", "SMEAR_GATE": "1", "ACTIVATION": "leaky_relu2", "XSA_LAYERS": "1",
-             "ROPE_DIMS": "4", "LN_SCALE": "1", "MUON_WEIGHT_DECAY": "0.04", "ROUTER": "space",
+             "BIGRAM_HASH": "512", "SMEAR_GATE": "1", "ACTIVATION": "leaky_relu2", "ROUTER": "space",
              "EXPORT_CODEC": "grouped"}
 COMMON = dict(ITERATIONS="3", GPTQ_CALIB_BATCHES="2", EVAL_SLIDING="0")
 
@@ -25,8 +24,42 @@ def test_every_addition_is_a_variable_and_off_by_default():
     defaults = {k: str(getattr(hp, k.lower())) for k in ADDITIONS}
     assert defaults == {"OUTER_DIM": "0", "OUTER_MLP_MULT": "-1", "MAIN_LOOPS": "1", "OUTER_LR_MULT": "1.0",
                         "OFFICIAL_INIT": "0", "BIGRAM_HASH": "0", "SMEAR_GATE": "0", "ACTIVATION": "relu2",
-                        "XSA_LAYERS": "0", "ROPE_DIMS": "0", "LN_SCALE": "0", "MUON_WEIGHT_DECAY": "0.0",
                         "ROUTER": "learned", "EXPORT_CODEC": "torch_zstd"}
+
+
+@pytest.mark.parametrize("name", ["XSA_LAYERS", "ROPE_DIMS", "LN_SCALE", "MUON_WEIGHT_DECAY"])
+def test_a_retired_switch_is_refused_with_the_commit_that_has_it(name):
+    # they measured nothing and left the trainer; silently ignoring one would run the base model
+    # under the arm's name
+    t3 = study03()
+    assert name.lower() not in t3.Hyperparameters.__dataclass_fields__
+    with pytest.raises(t3.ConfigError, match=f"unknown variable {name}: retired .* commit {t3.RETIRED_AT}"):
+        t3.Hyperparameters.from_env({name: "1"})
+
+
+def test_the_untied_head_goes_through_late_qat():
+    # OFFICIAL_INIT=1's head was applied as F.linear on its weight, which skipped the int6 delta
+    t3 = study03()
+    model = t3.HNet(tiny_hparams(t3, OFFICIAL_INIT="1"))
+    x = torch.randn(1, 5, model.lm_head.in_features)
+    before = model.logits(x)
+    t3.refresh_qat(model, True, False)
+    assert model.lm_head.qat_delta.abs().sum() > 0
+    assert not torch.equal(model.logits(x), before)  # training mode: the head sees its int6 rounding
+    model.eval()
+    assert torch.equal(model.logits(x), before)
+
+
+def test_the_untied_head_gets_a_gptq_hessian(sample_byte260, tmp_path, monkeypatch):
+    # ...and GPTQ's forward hook never saw its input: an empty Hessian, rounded to nearest
+    t3 = study03()
+    real, captured = t3.collect_hessians, {}
+    monkeypatch.setattr(t3, "collect_hessians", lambda run: captured.setdefault("h", real(run)))
+    run_tiny(t3, sample_byte260, tmp_path, **COMMON, OFFICIAL_INIT="1", KEEP_FLOAT_MAX_NUMEL="0")
+    h = captured["h"]["lm_head.weight"]
+    assert torch.isfinite(h).all() and torch.linalg.eigvalsh(h).min() > 0  # the inputs' second moment
+    log = (tmp_path / "train.log").read_text().split("=" * 100, 1)[1]
+    assert "gptq: hessians for" in log and "WARNING: gptq" not in log
 
 
 def test_with_every_addition_off_it_trains_as_study_02_to_the_bit(sample_byte260, tmp_path):

@@ -3,9 +3,8 @@
 Study 02's trainer (`diff` the two files) plus what the H-Net paper's recipe and the challenge's
 byte-transformer stack bring, each behind a variable whose off value is study 02's computation:
 widths per stage, outer blocks without an MLP, main-stage recurrence, per-stage learning rates,
-the official init, hashed byte bigrams, SmearGate, LeakyReLU(0.5)^2, XSA, partial RoPE, LN
-scale, Muon weight decay, a rule-based router, grouped compression. OUTER_LAYERS=0 is the byte GPT
-with the same stack.
+the official init, hashed byte bigrams, SmearGate, LeakyReLU(0.5)^2, a rule-based router, grouped
+compression. OUTER_LAYERS=0 is the byte GPT with the same stack.
 
     torchrun --standalone --nproc_per_node=8 studies/03_byte_hnet_vs_byte_gpt/train_gpt.py
 
@@ -62,7 +61,7 @@ CHOICES = {"autocast": ("auto", "bf16", "off"), "gptq_clip_search": ("matrix", "
            "activation": ("relu2", "leaky_relu2"), "router": ("learned", "space"),
            "export_codec": ("torch_zstd", "grouped")}
 SWITCHES = ("ratio_loss_per_seq", "eval_sliding", "dynamic_cap", "quant_scale_floor", "gptq_calib_all_ranks",
-            "prune_nonzero", "smear_gate", "ln_scale", "official_init")  # 0 or 1
+            "prune_nonzero", "smear_gate", "official_init")  # 0 or 1
 
 @dataclass
 class Hyperparameters:
@@ -152,10 +151,6 @@ class Hyperparameters:
     bigram_dim: int = 32
     smear_gate: int = 0  # 1: a zero-init per-channel gate mixes the previous input vector in (not across BOS)
     activation: str = "relu2"  # leaky_relu2: LeakyReLU(0.5)^2
-    xsa_layers: int = 0  # the main stage's last K blocks drop each output's component along its own value
-    rope_dims: int = 0  # rotary dimensions of each head (0: all)
-    ln_scale: int = 0  # 1: the input of block l's branches scaled by 1 / sqrt(l + 1)
-    muon_weight_decay: float = 0.0  # decoupled, on Muon's matrices
     router: str = "learned"  # space: a boundary at every byte after whitespace (the rule-based control)
     export_codec: str = "torch_zstd"  # grouped: each kind of tensor its own stream, the smaller of zstd-22 / lzma
 
@@ -196,7 +191,7 @@ class Hyperparameters:
                      "grad_accum_steps", "val_max_tokens", "muon_momentum_warmup_steps", "late_qat_min_steps",
                      "qat_from_step", "checkpoint_every", "gptq_calib_batches", "keep_float_max_numel",
                      "ratio_loss_weight", "grad_clip_norm", "gptq_reserve_seconds", "max_wallclock_seconds",
-                     "outer_dim", "bigram_hash", "xsa_layers", "rope_dims", "muon_weight_decay"):
+                     "outer_dim", "bigram_hash"):
             value = getattr(self, name)
             need(value >= 0, f"{name.upper()} must be >= 0, got {value}")
         for name in SWITCHES:
@@ -226,9 +221,6 @@ class Hyperparameters:
              f"OUTER_DIM={outer} must split into NUM_HEADS={self.num_heads} heads of an even width")
         need(self.outer_mlp_mult >= -1, f"OUTER_MLP_MULT must be -1 (MLP_MULT) or >= 0, got {self.outer_mlp_mult}")
         need(self.outer_lr_mult > 0, f"OUTER_LR_MULT must be positive, got {self.outer_lr_mult}")
-        head = min(outer, self.model_dim) // self.num_heads
-        need(self.rope_dims % 2 == 0 and self.rope_dims <= head,
-             f"ROPE_DIMS={self.rope_dims} must be even and at most the head width {head}")
         need(self.router == "learned" or not self.uses_sentencepiece,
              "ROUTER=space cuts at byte260 whitespace: it needs byte260 data")
         need(self.gptq_damp > 0, f"GPTQ_DAMP must be positive, got {self.gptq_damp}")
@@ -268,8 +260,15 @@ class Hyperparameters:
     def outer_mlp(self) -> int:
         return self.mlp_mult if self.outer_mlp_mult < 0 else self.outer_mlp_mult
 
+# Switches screened at 1 M parameters that measured no gain (README, "Retired switches"), taken out
+# so the trainer keeps what pays; setting one is an error rather than a silent no-op.
+RETIRED = ("XSA_LAYERS", "ROPE_DIMS", "LN_SCALE", "MUON_WEIGHT_DECAY")
+RETIRED_AT = "25926f2"  # the last commit whose study-03 trainer has them (and writes HNG1 artifacts)
+
 def meant_for_us(name: str, known: list[str]) -> str:
     """Why an unknown variable must be a mistake ("" if it need not be ours): the hint to print."""
+    if name in RETIRED:
+        return f": retired from study 03 (no measured gain, see its README); commit {RETIRED_AT} has it"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
     close = close or [k for k in known if "_" in name and k.endswith("_" + name)]
     if close:
@@ -331,10 +330,7 @@ class Muon(torch.optim.Optimizer):
                     updates[i].copy_(g.flatten() * max(1.0, g.size(0) / g.size(1)) ** 0.5)
             if self.world_size > 1:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            decay = group.get("weight_decay", 0.0)
             for p, u in zip(params, updates):
-                if decay > 0:  # MUON_WEIGHT_DECAY (ours): decoupled, scaled by the LR
-                    p.mul_(1 - group["lr"] * decay)
                 p.add_(u.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
@@ -620,7 +616,9 @@ def dequantize_state_dict(payload: dict) -> dict[str, Tensor]:
             out[name] = e["w"].float() if e["w"].is_floating_point() else e["w"]
     return out
 
-GROUPED_MAGIC = b"HNG1"  # EXPORT_CODEC=grouped: magic, header length, JSON header, its sha256, the streams
+# EXPORT_CODEC=grouped: magic, header length, the zstd-compressed JSON header, its sha256, the streams.
+# HNG1 (the trainer up to commit RETIRED_AT) stored the header as plain JSON, ~33 KB at any model size.
+GROUPED_MAGIC = b"HNG2"
 
 
 def compress(payload: dict, fmt: str) -> bytes:
@@ -648,8 +646,8 @@ def byte_unshuffle(data: bytes, width: int) -> bytes:
 def compress_grouped(payload: dict) -> bytes:
     """Tensors of one kind (int6 codes, int8 tables, fp16 scales, small fp16 and fp32 tensors) as one
     raw stream each, byte-shuffled by element width, each compressed by the smaller of zstd-22
-    (checksummed) and lzma (its CRC-64); a JSON header (its own sha256 after it) names every
-    tensor's place. 7.6% smaller than torch.save + zstd-22 on the CPU demo's int6 artifact (README)."""
+    (checksummed) and lzma (its CRC-64); a zstd-compressed JSON header (its own sha256 after it)
+    names every tensor's place. The study-03 README's compression table measures it."""
     streams, entries = {}, []
     for name in sorted(payload["tensors"]):
         for key, v in sorted(payload["tensors"][name].items()):
@@ -669,7 +667,7 @@ def compress_grouped(payload: dict) -> bytes:
         codec = min(options, key=lambda c: len(options[c]))
         header["streams"].append({"kind": kind, "codec": codec, "width": width, "bytes": len(options[codec])})
         body.append(options[codec])
-    head = json.dumps(header).encode()
+    head = zstandard.ZstdCompressor(level=22, write_checksum=True).compress(json.dumps(header).encode())
     return GROUPED_MAGIC + len(head).to_bytes(4, "little") + head + hashlib.sha256(head).digest() + b"".join(body)
 
 
@@ -678,7 +676,7 @@ def decompress_grouped(blob: bytes) -> dict:
     head = blob[8:8 + size]
     if hashlib.sha256(head).digest() != blob[8 + size:40 + size]:
         raise ValueError("the header does not match the sha256 stored after it")
-    header = json.loads(head)
+    header = json.loads(zstandard.ZstdDecompressor().decompress(head))
     at, raw = 40 + size, {}
     for s in header.pop("streams"):
         data = blob[at:at + s["bytes"]]
@@ -700,6 +698,9 @@ def read_artifact(path: str | Path) -> dict:
     """Decompress (zstd or zlib by magic bytes), unpickle tensors only, check them against the digest."""
     blob = Path(path).read_bytes()
     try:
+        if blob[:4] == b"HNG1":
+            raise ValueError(f"a grouped artifact of an older trainer (uncompressed header); commit {RETIRED_AT} "
+                             "reads it")
         if blob[:4] == GROUPED_MAGIC:
             payload = decompress_grouped(blob)
         else:
@@ -920,9 +921,9 @@ class CastedLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype))
 
 class Rotary(nn.Module):
-    def __init__(self, dims: int, base: float):  # dims: the rotated part of each head (ROPE_DIMS, or all)
+    def __init__(self, head_dim: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -936,36 +937,18 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-def exclude_self(y: Tensor, v: Tensor) -> Tensor:
-    """XSA (exclusive self-attention, arXiv 2603.09078; challenge PR #265): remove from each head's
-    output its component along the normalised value of its own position. y: (B, H, L, d), v: (B, Hkv,
-    L, d); query heads are grouped onto KV heads as SDPA's enable_gqa groups them."""
-    b, h, length, d = y.shape
-    grouped = y.view(b, v.size(1), h // v.size(1), length, d)
-    vn = F.normalize(v, dim=-1).unsqueeze(2)
-    return (grouped - (grouped * vn).sum(-1, keepdim=True) * vn).view(b, h, length, d)
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, hp: Hyperparameters, dim: int, xsa: bool = False):
+    def __init__(self, hp: Hyperparameters, dim: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
         self.head_dim = dim // hp.num_heads
-        self.rope_dims = hp.rope_dims or self.head_dim  # ROPE_DIMS (ours): rotate only the first ones
-        self.xsa = xsa
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_dim)
         self.c_v = CastedLinear(dim, kv_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
-        self.rotary = Rotary(self.rope_dims, hp.rope_base)
-
-    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        if self.rope_dims == self.head_dim:
-            return apply_rotary(x, cos, sin)
-        r = self.rope_dims
-        return torch.cat((apply_rotary(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+        self.rotary = Rotary(self.head_dim, hp.rope_base)
 
     def forward(self, x: Tensor) -> Tensor:
         b, length, d = x.shape
@@ -974,12 +957,10 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         cos, sin = self.rotary(length, q.dtype)
-        q = self.rotate(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = self.rotate(k, cos, sin)
+        q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if self.xsa:
-            y = exclude_self(y, v)
         return self.proj(y.transpose(1, 2).reshape(b, length, d))
 
 
@@ -997,28 +978,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters, dim: int, mlp_mult: int, layer: int, xsa: bool = False):
+    def __init__(self, hp: Hyperparameters, dim: int, mlp_mult: int):
         super().__init__()
-        self.attn = CausalSelfAttention(hp, dim, xsa)
+        self.attn = CausalSelfAttention(hp, dim)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp = MLP(dim, mlp_mult, hp.activation) if mlp_mult > 0 else None  # OUTER_MLP_MULT=0: none
         if self.mlp is not None:
             self.mlp_scale = nn.Parameter(torch.ones(dim))
         # Per-channel mix of the running stream with the stage input x0 (starts as "stream only").
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.ln = 1 / math.sqrt(layer + 1) if hp.ln_scale else None  # LN_SCALE (challenge PR #315)
-
-    def norm(self, x: Tensor) -> Tensor:
-        y = F.rms_norm(x, (x.size(-1),))
-        return y if self.ln is None else y * self.ln
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
         if self.mlp is None:
             return x
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
 
 
 class Stage(nn.Module):
@@ -1026,12 +1002,10 @@ class Stage(nn.Module):
     (popped, weighted per channel). Input and output are RMS-normalised. MAIN_LOOPS=K (ours): the
     blocks run K times, each pass from the last one's output plus a learned vector (zero at first)."""
 
-    def __init__(self, hp: Hyperparameters, num_blocks: int, dim: int, mlp_mult: int, first_layer: int,
-                 xsa_last: int = 0, loops: int = 1):
+    def __init__(self, hp: Hyperparameters, num_blocks: int, dim: int, mlp_mult: int, loops: int = 1):
         super().__init__()
         self.num_push = num_blocks // 2
-        self.blocks = nn.ModuleList(Block(hp, dim, mlp_mult, first_layer + i, xsa=i >= num_blocks - xsa_last)
-                                    for i in range(num_blocks))
+        self.blocks = nn.ModuleList(Block(hp, dim, mlp_mult) for _ in range(num_blocks))
         num_skips = min(self.num_push, num_blocks - self.num_push)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.loops = loops
@@ -1108,17 +1082,17 @@ class HNet(nn.Module):
             self.smear = nn.Parameter(torch.zeros(d))
         if hp.is_hnet:
             main_blocks = hp.num_layers - 2 * hp.outer_layers
-            self.encoder = Stage(hp, hp.outer_layers, d, hp.outer_mlp, 0)
+            self.encoder = Stage(hp, hp.outer_layers, d, hp.outer_mlp)
             self.routing = RoutingModule(d) if hp.router == "learned" else SpaceRouter(hp.vocab_size)
             self.chunk = ChunkLayer()
-            self.main = Stage(hp, main_blocks, dm, hp.mlp_mult, hp.outer_layers, hp.xsa_layers, hp.main_loops)
+            self.main = Stage(hp, main_blocks, dm, hp.mlp_mult, hp.main_loops)
             if dm > d:  # the paper's widening: a learned (zero-init) vector appended to every chunk
                 self.main_pad = nn.Parameter(torch.zeros(dm - d))
             self.dechunk = DeChunkLayer()
             self.residual_proj = CastedLinear(d, d, zero_init=True)
-            self.decoder = Stage(hp, hp.outer_layers, d, hp.outer_mlp, hp.outer_layers + main_blocks)
+            self.decoder = Stage(hp, hp.outer_layers, d, hp.outer_mlp)
         else:
-            self.main = Stage(hp, hp.num_layers, dm, hp.mlp_mult, 0, hp.xsa_layers, hp.main_loops)
+            self.main = Stage(hp, hp.num_layers, dm, hp.mlp_mult, hp.main_loops)
         if hp.official_init:  # OFFICIAL_INIT=1: an untied head and the H-Net code's projections
             self.lm_head = CastedLinear(d, hp.vocab_size)
             nn.init.normal_(self.lm_head.weight, std=0.02)
@@ -1134,8 +1108,8 @@ class HNet(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """The head (tied unless OFFICIAL_INIT) with the baseline's soft cap 30 * tanh(x / 30), in fp32."""
-        weight = self.lm_head.weight if self.hp.official_init else self.tok_emb.weight
-        logits = F.linear(x, weight.to(x.dtype)).float()
+        # the untied head is called as a module, so GPTQ's input hook and late QAT reach it
+        logits = (self.lm_head(x) if self.hp.official_init else F.linear(x, self.tok_emb.weight.to(x.dtype))).float()
         return self.hp.logit_softcap * torch.tanh(logits / self.hp.logit_softcap)
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -1385,7 +1359,7 @@ def build_optimizers(model: HNet, hp: Hyperparameters, rt: Runtime) -> list:
     sync) for the tied embedding and for vectors and control tensors. Study 03 (ours, off as study
     02): OUTER_LR_MULT multiplies every LR of the byte-level parts (embedding, bigram table, encoder,
     router, decoder; the embedding takes the outer value, as in the H-Net paper), a second group of
-    each optimiser; MUON_WEIGHT_DECAY decays Muon's matrices; an untied head is trained as the embedding."""
+    each optimiser; an untied head is trained as the embedding."""
     def byte_level(name: str) -> bool:
         return hp.is_hnet and not (name.startswith("main.") or name == "main_pad")
 
@@ -1409,9 +1383,8 @@ def build_optimizers(model: HNet, hp: Hyperparameters, rt: Runtime) -> list:
 
     mult = hp.outer_lr_mult if hp.is_hnet else 1.0
     embedding = [{"params": tables, "lr": hp.tied_embed_lr * mult, "base_lr": hp.tied_embed_lr * mult}]
-    muon_groups = [{**g, "weight_decay": hp.muon_weight_decay} for g in split(matrices, hp.matrix_lr)]
-    muon = Muon(muon_groups, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank, rt.world_size,
-                rt.autocast_dtype or torch.float32)
+    muon = Muon(split(matrices, hp.matrix_lr), hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rt.rank,
+                rt.world_size, rt.autocast_dtype or torch.float32)
     return [adam(embedding), muon, adam(split(scalars, hp.scalar_lr))]
 
 
