@@ -14,6 +14,11 @@ the table's round trip is the artifact's, after export. Needs matplotlib (option
 prints instead each model's validation BPB at one step (equal steps, where the table is at equal
 seconds), and with --base its difference from that model at the same seed; --write also writes it,
 under a line that says how it was made, to the folder's at_step<N>.md (the file the READMEs link).
+
+    python bench/minigolf_figure.py bench/logs/minigolf_study03/longer_600s --swing 200 --write
+
+prints (and writes to swing.md) how far each run's validation BPB moves from one periodic point to
+the next from step 200 on: a measure of how noisy the end of a run is, whatever model it trains.
 """
 
 from __future__ import annotations
@@ -85,6 +90,36 @@ def at_step_file(folder: Path, step: int, base: str | None) -> str:
     return f"`{command}`: {what}\n\n{at_step(folder, step, base)}\n"
 
 
+def swing(folder: Path, start: int) -> str:
+    """Per model, over its seeds: the standard deviation and the largest size of the change from one
+    periodic validation to the next, from step `start` on (the end-of-run validation, off the
+    interval, left out). Learning moves it a little; a training order that reads one long document
+    for many steps moves it a lot, in every arm of a seed together."""
+    rows = []
+    for model, seeds in validations(folder).items():
+        sds, tops, counts = [], [], []
+        for points in seeds.values():
+            steps = [s for s, _, _ in points]
+            every = statistics.mode(b - a for a, b in zip(steps, steps[1:])) if len(steps) > 1 else 0
+            regular = [(s, bpb) for s, _, bpb in points if every and s % every == 0 and s >= start]
+            changes = [b - a for (s, a), (t, b) in zip(regular, regular[1:]) if t - s == every]
+            if len(changes) >= 3:
+                sds.append(statistics.stdev(changes))
+                tops.append(max(abs(c) for c in changes))
+                counts.append(len(changes))
+        rows.append([model, str(len(sds)), files.spread(counts, "{:.0f}") if counts else "-",
+                     files.spread(sds, "{:.4f}") if sds else "-", files.spread(tops, "{:.4f}") if tops else "-"])
+    head = ["model", "seeds", f"changes from step {start}", "sd of the change", "largest change"]
+    return files.markdown_table(head, rows)
+
+
+def swing_file(folder: Path, start: int) -> str:
+    shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
+    return (f"`python bench/minigolf_figure.py {shown.as_posix()} --swing {start}`: the change of each run's "
+            "validation BPB (float model) from one periodic point to the next, mean (min-max) over seeds\n\n"
+            f"{swing(folder, start)}\n")
+
+
 def mean_curve(seeds: dict[int, list[tuple[float, float]]]) -> list[tuple[float, float]]:
     """Point i of the mean: the seeds' i-th validations (the same step of each), averaged."""
     n = min(len(p) for p in seeds.values())
@@ -124,10 +159,19 @@ def main(argv=None) -> int:
     p.add_argument("--title", default="", help="the figure's title (default: the folder's name)")
     p.add_argument("--at-step", type=int, help="print each model's validation BPB at this step instead of drawing")
     p.add_argument("--base", help="with --at-step: a model to subtract, seed by seed")
-    p.add_argument("--write", action="store_true", help="with --at-step: also write the folder's at_step<N>.md")
+    p.add_argument("--swing", type=int, metavar="STEP",
+                   help="print how far the validation moves between neighbouring points from STEP on")
+    p.add_argument("--write", action="store_true",
+                   help="with --at-step or --swing: also write the folder's at_step<N>.md or swing.md")
     args = p.parse_args(argv)
-    if args.write and args.at_step is None:
-        p.error("--write needs --at-step")
+    if args.write and args.at_step is None and args.swing is None:
+        p.error("--write needs --at-step or --swing")
+    if args.swing is not None:
+        text = swing_file(args.logs, args.swing)
+        print(text, end="")
+        if args.write:
+            files.write_atomic(args.logs / "swing.md", text)
+        return 0
     if args.at_step is not None:
         text = at_step_file(args.logs, args.at_step, args.base)
         print(text, end="")

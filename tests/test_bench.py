@@ -308,6 +308,22 @@ def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
     assert written.endswith("\n\n" + figure.at_step(tmp_path, 50, "study03_hnet") + "\n")
 
 
+def test_the_swing_table_measures_the_change_between_neighbouring_validations(tmp_path):
+    import statistics
+
+    figure = load_module("bench/minigolf_figure.py")
+    bpbs = [3.0, 2.5, 2.6, 2.4, 2.6, 2.3, 2.35]  # steps 0, 50, ..., 300
+    lines = [f"step:{50 * i}/400 val_loss:1.0 val_bpb:{b} train_time:{i}ms step_avg:1ms" for i, b in enumerate(bpbs)]
+    lines.append("step:333/400 val_loss:1.0 val_bpb:1.0 train_time:9ms step_avg:1ms")  # the end, off the interval
+    (tmp_path / "study03_hnet_seed1.log").write_text("\n".join(lines) + "\n")
+    changes = [-0.2, 0.2, -0.3, 0.05]  # from step 100 on: 2.6, 2.4, 2.6, 2.3, 2.35
+    assert figure.swing(tmp_path, 100).splitlines()[2:] == [
+        f"| study03_hnet | 1 | 4 | {statistics.stdev(changes):.4f} | 0.3000 |"]
+    assert figure.swing(tmp_path, 200).splitlines()[2:] == ["| study03_hnet | 0 | - | - | - |"]  # too few changes
+    assert figure.main([str(tmp_path), "--swing", "100", "--write"]) == 0
+    assert (tmp_path / "swing.md").read_text() == figure.swing_file(tmp_path, 100)
+
+
 def test_every_committed_at_step_table_is_what_its_logs_give_now():
     """The READMEs quote the at_step<N>.md files; each must be the script's output on its folder's
     committed logs, byte for byte, with the command in its first line."""
@@ -319,6 +335,11 @@ def test_every_committed_at_step_table_is_what_its_logs_give_now():
                          path.read_text().split("\n", 1)[0])
         assert m and ROOT / m[1] == path.parent and path.name == f"at_step{m[2]}.md", path
         assert figure.at_step_file(path.parent, int(m[2]), m[3]) == path.read_text(), path
+    for path in sorted((ROOT / "bench" / "logs").rglob("swing.md")):  # and the swing tables likewise
+        first = path.read_text().split("\n", 1)[0]
+        m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --swing (\d+)`: .*", first)
+        assert m and ROOT / m[1] == path.parent, path
+        assert figure.swing_file(path.parent, int(m[2])) == path.read_text(), path
 
 
 def test_the_router_float_arm_quantises_everything_but_the_router():
