@@ -37,6 +37,19 @@ def test_a_retired_switch_is_refused_with_the_commit_that_has_it(name):
         t3.Hyperparameters.from_env({name: "1"})
 
 
+def test_a_grouped_artifact_of_the_older_format_is_refused_with_the_commit_that_reads_it(tmp_path):
+    # HNG1 stored its index as plain JSON; the reader would otherwise fail on it as on corrupt data
+    from harness import files
+
+    t3 = study03()
+    old = tmp_path / "final_model.int6.ptz"
+    old.write_bytes(b"HNG1" + (2).to_bytes(4, "little") + b"{}" + bytes(32))
+    with pytest.raises(t3.ConfigError, match=f"older trainer .* commit {t3.RETIRED_AT} reads it"):
+        t3.read_artifact(old)
+    with pytest.raises(ValueError, match=f"older study-03 trainer .* commit {t3.RETIRED_AT} reads it"):
+        files.read_payload(old)
+
+
 def test_the_untied_head_goes_through_late_qat():
     # OFFICIAL_INIT=1's head was applied as F.linear on its weight, which skipped the int6 delta
     t3 = study03()
