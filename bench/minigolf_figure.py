@@ -79,10 +79,14 @@ def at_step(folder: Path, step: int, base: str | None) -> str:
     return files.markdown_table(head, rows)
 
 
+def shown(folder: Path) -> str:
+    """The folder as a command in a written table names it: relative to the repository if inside it."""
+    return (folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder).as_posix()
+
+
 def at_step_file(folder: Path, step: int, base: str | None) -> str:
     """at_step's table under the command that makes it and what it holds: at_step<N>.md's text."""
-    shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
-    command = f"python bench/minigolf_figure.py {shown.as_posix()} --at-step {step}"
+    command = f"python bench/minigolf_figure.py {shown(folder)} --at-step {step}"
     command += f" --base {base}" if base is not None else ""
     what = (f"the float model's validation BPB at step {step} (the runs' own periodic lines), "
             "mean (min-max) over seeds")
@@ -114,8 +118,7 @@ def swing(folder: Path, start: int) -> str:
 
 
 def swing_file(folder: Path, start: int) -> str:
-    shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
-    return (f"`python bench/minigolf_figure.py {shown.as_posix()} --swing {start}`: the change of each run's "
+    return (f"`python bench/minigolf_figure.py {shown(folder)} --swing {start}`: the change of each run's "
             "validation BPB (float model) from one periodic point to the next, mean (min-max) over seeds\n\n"
             f"{swing(folder, start)}\n")
 
