@@ -61,6 +61,14 @@ def package_tarball(path: Path, extra_years=(1960, 2022)) -> Path:
     return path
 
 
+def converter_with_pinned_fixture(tmp_path: Path, monkeypatch):
+    """make_sample.py with the package fixture's checksum as the pinned one, and that fixture."""
+    make_sample = load_module("data/sample/make_sample.py")
+    tarball = package_tarball(tmp_path / "pkg.tgz")
+    monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    return make_sample, tarball
+
+
 def test_conversion_reproduces_the_shipped_files(tmp_path, monkeypatch):
     make_sample = load_module("data/sample/make_sample.py")
     tarball = package_tarball(tmp_path / "pkg.tgz")
@@ -76,9 +84,7 @@ def test_conversion_reproduces_the_shipped_files(tmp_path, monkeypatch):
 
 
 def test_a_later_first_year_keeps_validation_and_cuts_only_training(tmp_path, monkeypatch):
-    make_sample = load_module("data/sample/make_sample.py")
-    tarball = package_tarball(tmp_path / "pkg.tgz")
-    monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    make_sample, tarball = converter_with_pinned_fixture(tmp_path, monkeypatch)
     out = tmp_path / "not" / "made" / "yet"  # as in the README's command, a folder that does not exist
     assert make_sample.main([str(tarball), "--out-dir", str(out), "--first-year", "2000"]) == 0
     meta = json.loads((out / "sotu_2000_2021.meta.json").read_text())
@@ -88,9 +94,7 @@ def test_a_later_first_year_keeps_validation_and_cuts_only_training(tmp_path, mo
 
 
 def test_shuffled_training_order_is_deterministic_and_keeps_validation_first(tmp_path, monkeypatch):
-    make_sample = load_module("data/sample/make_sample.py")
-    tarball = package_tarball(tmp_path / "pkg.tgz")
-    monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    make_sample, tarball = converter_with_pinned_fixture(tmp_path, monkeypatch)
     years = {}
     for run, extra in (("year", []), ("a", ["--shuffle-train", "7"]), ("b", ["--shuffle-train", "7"])):
         (tmp_path / run).mkdir()
@@ -106,9 +110,7 @@ def test_shuffled_training_order_is_deterministic_and_keeps_validation_first(tmp
 
 
 def test_training_pieces_reassemble_to_the_speeches_and_leave_validation_whole(tmp_path, monkeypatch):
-    make_sample = load_module("data/sample/make_sample.py")
-    tarball = package_tarball(tmp_path / "pkg.tgz")
-    monkeypatch.setattr(make_sample, "TARBALL_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    make_sample, tarball = converter_with_pinned_fixture(tmp_path, monkeypatch)
     made = {}
     for run, extra in (("whole", []), ("a", ["--train-pieces", "2048"]), ("b", ["--train-pieces", "2048"])):
         (tmp_path / run).mkdir()
