@@ -12,7 +12,8 @@ the table's round trip is the artifact's, after export. Needs matplotlib (option
     python bench/minigolf_figure.py bench/logs/minigolf_study03/ablation --at-step 200 --base study03_hnet
 
 prints instead each model's validation BPB at one step (equal steps, where the table is at equal
-seconds), and with --base its difference from that model at the same seed; --write also writes it,
+seconds), with --base its difference from that model at the same seed, and the seeds already in
+their warmdown at that step (the run's last step less WARMDOWN_ITERS); --write also writes it,
 under a line that says how it was made, to the folder's at_step<N>.md (the file the READMEs link).
 
     python bench/minigolf_figure.py bench/logs/minigolf_study03/longer_600s --swing 200 --write
@@ -35,19 +36,36 @@ from harness import files  # noqa: E402
 
 LOG = re.compile(r"^(?P<model>.+)_seed(?P<seed>\d+)\.log$")
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", re.M)
+WARMDOWN = re.compile(r"^warmdown_iters:(\d+)$", re.M)
+
+
+def logs(folder: Path) -> dict[str, dict[int, str]]:
+    """{model: {seed: log text}} for every <model>_seed<S>.log in a mini-golf logs folder."""
+    out: dict = {}
+    for path in sorted(folder.glob("*.log")):
+        m = LOG.match(path.name)
+        if m:
+            out.setdefault(m["model"], {})[int(m["seed"])] = path.read_text(encoding="utf-8")
+    return out
+
+
+def warmdown_start(text: str) -> int | None:
+    """The step a run's warmdown started at: its last validated step (the end) less WARMDOWN_ITERS.
+    Exact when ITERATIONS ends the run; under a wall-clock cap the trainer starts the warmdown when
+    the time left is WARMDOWN_ITERS mean steps, so this is right to a step or two while the step
+    time holds. None if the log does not say WARMDOWN_ITERS or has no validation."""
+    w, steps = WARMDOWN.search(text), VAL.findall(text)
+    return max(int(steps[-1][0]) - int(w[1]), 0) if w and steps else None
 
 
 def validations(folder: Path) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
     """{model: {seed: [(step, training seconds, val_bpb), ...]}} from a mini-golf logs folder."""
     out: dict = {}
-    for path in sorted(folder.glob("*.log")):
-        m = LOG.match(path.name)
-        if not m:
-            continue
-        text = path.read_text(encoding="utf-8")
-        points = [(int(step), int(ms) / 1000, float(bpb)) for step, bpb, ms in VAL.findall(text)]
-        if points:
-            out.setdefault(m["model"], {})[int(m["seed"])] = points
+    for model, texts in logs(folder).items():
+        for seed, text in texts.items():
+            points = [(int(step), int(ms) / 1000, float(bpb)) for step, bpb, ms in VAL.findall(text)]
+            if points:
+                out.setdefault(model, {})[seed] = points
     if not out:
         raise SystemExit(f"error: {folder} holds no <model>_seed<S>.log with validation lines (VAL_LOSS_EVERY > 0)")
     return out
@@ -61,9 +79,11 @@ def curves(folder: Path) -> dict[str, dict[int, list[tuple[float, float]]]]:
 
 def at_step(folder: Path, step: int, base: str | None) -> str:
     """A markdown table of each model's validation BPB at `step`, over the seeds that reached it,
-    and with `base` its difference from that model at the same seed."""
+    with `base` its difference from that model at the same seed, and which of those seeds were in
+    their warmdown by then (a lower LR lowers the loss at once: such a seed is not at equal footing)."""
     data = {model: {seed: bpb for seed, points in seeds.items() for s, _, bpb in points if s == step}
             for model, seeds in validations(folder).items()}
+    texts = logs(folder)
     if base is not None and base not in data:
         raise SystemExit(f"error: --base {base}: no such model in {folder} (have: {', '.join(sorted(data))})")
 
@@ -73,10 +93,13 @@ def at_step(folder: Path, step: int, base: str | None) -> str:
                  files.spread(list(by_seed.values()), "{:.4f}") if by_seed else "-"]
         if base is not None:
             cells.append("-" if model == base else files.paired(by_seed, data[base]))
+        starts = {seed: warmdown_start(texts[model][seed]) for seed in sorted(by_seed)}
+        cells.append("?" if None in starts.values() else
+                     ", ".join(f"{seed} (from {start})" for seed, start in starts.items() if step > start) or "none")
         rows.append(cells)
     head = ["model", f"seeds at step {step}", f"validation BPB at step {step}"]
     head += [f"minus {base}'s, same seed"] if base is not None else []
-    return files.markdown_table(head, rows)
+    return files.markdown_table(head + ["of those, in the warmdown (from step)"], rows)
 
 
 def shown(folder: Path) -> str:
@@ -91,6 +114,7 @@ def at_step_file(folder: Path, step: int, base: str | None) -> str:
     what = (f"the float model's validation BPB at step {step} (the runs' own periodic lines), "
             "mean (min-max) over seeds")
     what += ", and its difference from the base at the same seed" if base is not None else ""
+    what += "; the last column: seeds whose warmdown had started (at their last step less WARMDOWN_ITERS)"
     return f"`{command}`: {what}\n\n{at_step(folder, step, base)}\n"
 
 

@@ -294,8 +294,8 @@ def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
             f"step:50/300 val_loss:1.0 val_bpb:{bpb} train_time:9ms step_avg:1ms\n")
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
             for line in figure.at_step(tmp_path, 50, "study03_hnet").splitlines()[2:]}
-    assert rows["study03_hnet"] == ["study03_hnet", "1, 2", "2.7000 (2.6000-2.8000)", "-"]
-    assert rows["study03_hnet+SMEAR_GATE-0"][2:] == ["2.7000 (2.5000-2.9000)", "+0.0000 (-0.1000 to +0.1000)"]
+    assert rows["study03_hnet"] == ["study03_hnet", "1, 2", "2.7000 (2.6000-2.8000)", "-", "?"]  # no WARMDOWN_ITERS
+    assert rows["study03_hnet+SMEAR_GATE-0"][2:] == ["2.7000 (2.5000-2.9000)", "+0.0000 (-0.1000 to +0.1000)", "?"]
     with pytest.raises(SystemExit, match="--base nope"):
         figure.at_step(tmp_path, 50, "nope")
     (tmp_path / "empty").mkdir()
@@ -306,6 +306,23 @@ def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
     command = f"python bench/minigolf_figure.py {tmp_path.as_posix()} --at-step 50 --base study03_hnet"
     assert written.startswith(f"`{command}`: ")
     assert written.endswith("\n\n" + figure.at_step(tmp_path, 50, "study03_hnet") + "\n")
+
+
+def test_the_step_table_names_the_seeds_already_in_their_warmdown(tmp_path):
+    """Validation BPB at equal steps compares learning only before the warmdown: a run whose LR is
+    already falling scores lower at once, so the table says which seeds are past their start."""
+    figure = load_module("bench/minigolf_figure.py")
+    for model, seed, last in (("study03_hnet", 1, 400), ("study03_hnet", 2, 300), ("study03_gpt", 1, 250)):
+        vals = [f"step:{s}/2566 val_loss:1.0 val_bpb:2.0 train_time:{s}ms step_avg:1ms" for s in (100, 200, last)]
+        (tmp_path / f"{model}_seed{seed}.log").write_text("\n".join(["warmdown_iters:150", *vals]) + "\n")
+    assert figure.warmdown_start("warmdown_iters:150\nstep:120/9 val_loss:1 val_bpb:2 train_time:1ms\n") == 0
+    assert figure.warmdown_start("step:120/9 val_loss:1 val_bpb:2 train_time:1ms\n") is None
+    last = {line.strip("| ").split(" | ")[0]: line.strip("| ").split(" | ")[-1]
+            for line in figure.at_step(tmp_path, 200, "study03_hnet").splitlines()[2:]}
+    assert last == {"study03_hnet": "2 (from 150)", "study03_gpt": "1 (from 100)"}  # seed 1's H-Net: from 250
+    last = {line.strip("| ").split(" | ")[0]: line.strip("| ").split(" | ")[-1]
+            for line in figure.at_step(tmp_path, 100, None).splitlines()[2:]}
+    assert last == {"study03_hnet": "none", "study03_gpt": "none"}  # step 100 is a warmdown's first step: not in it
 
 
 def test_the_swing_table_measures_the_change_between_neighbouring_validations(tmp_path):
