@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -79,4 +80,13 @@ def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
     for key, value in env.items():  # paths in runs.json are relative to the repository root
         if key in ("DATA_PATH", "TOKENIZER_PATH") and value.startswith("./"):
             env[key] = str(ROOT / value)
+    # `MODEL_DIM=256 python train_hnet.py 03 cpu` would train the preset's MODEL_DIM: refuse it
+    given = {o.partition("=")[0] for o in overrides}  # an argument is explicit and wins
+    outvoted = sorted(k for k, v in runs[run]["env"].items()
+                      if k not in given and os.environ.get(k, env[k]) not in (env[k], v))
+    if outvoted:
+        shell = " ".join(f"{k}={os.environ[k]}" for k in outvoted)
+        raise SystemExit(f"error: {shell} in the shell environment would be replaced by {study.name}/runs.json "
+                         f"run {run} ({' '.join(f'{k}={env[k]}' for k in outvoted)}); pass KEY=VALUE as an "
+                         f"argument after the run name to change it, or unset it")
     return env, int(runs[run].get("nproc", 1))

@@ -220,3 +220,15 @@ def test_a_demo_the_safety_limit_cut_short_says_its_numbers_are_not_the_readmes(
     out = capsys.readouterr().out
     steps = int(re.search(r"done in \d+s: (\d+) of 100000 steps", out).group(1))
     assert f"WARNING: the safety limit MAX_WALLCLOCK_SECONDS=2 stopped training at step {steps} of 100000" in out
+
+
+def test_a_shell_variable_the_preset_would_replace_is_an_error_not_a_silent_1m_model(capsys, monkeypatch):
+    monkeypatch.setenv("MODEL_DIM", "256")  # the cpu preset sets MODEL_DIM=128
+    with pytest.raises(SystemExit) as info:
+        launcher.main(["03", "cpu", "--dry-run"])
+    message = str(info.value.code)
+    assert "MODEL_DIM=256 in the shell environment" in message and "cpu (MODEL_DIM=128)" in message
+    code, out, err = launch(capsys, "03", "cpu", "MODEL_DIM=256", "--dry-run")  # as an argument it applies
+    assert code == 0 and "MODEL_DIM=256" in out
+    monkeypatch.setenv("MODEL_DIM", "128")  # the preset's own value is no conflict
+    assert launch(capsys, "03", "cpu", "--dry-run")[0] == 0
