@@ -68,20 +68,20 @@ def run_env(study: Path, run: str, overrides: list[str]) -> tuple[dict, int]:
     runs = load_runs(study)
     if run not in runs:
         raise SystemExit(f"error: {study.name}/runs.json has no run {run!r}; runs: {', '.join(runs)}")
-    env = dict(runs[run]["env"])
+    given = {}  # an argument is explicit and wins over the preset and the shell
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.isupper():
             raise SystemExit(f"error: override {item!r} is not KEY=VALUE")
-        env[key] = value
+        given[key] = value
     trainer = trainer_of(study)
     check_keys(trainer, runs[run]["env"], f"{study.name}/runs.json run {run}")
-    check_keys(trainer, [o.partition("=")[0] for o in overrides], "override")
+    check_keys(trainer, given, "override")
+    env = {**runs[run]["env"], **given}
     for key, value in env.items():  # paths in runs.json are relative to the repository root
         if key in ("DATA_PATH", "TOKENIZER_PATH") and value.startswith("./"):
             env[key] = str(ROOT / value)
     # `MODEL_DIM=256 python train_hnet.py 03 cpu` would train the preset's MODEL_DIM: refuse it
-    given = {o.partition("=")[0] for o in overrides}  # an argument is explicit and wins
     outvoted = sorted(k for k, v in runs[run]["env"].items()
                       if k not in given and os.environ.get(k, env[k]) not in (env[k], v))
     if outvoted:
