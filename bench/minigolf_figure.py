@@ -14,7 +14,8 @@ the table's round trip is the artifact's, after export. Needs matplotlib (option
 prints instead each model's validation BPB at one step (equal steps, where the table is at equal
 seconds), with --base its difference from that model at the same seed, and the seeds already in
 their warmdown at that step (the run's last step less WARMDOWN_ITERS); --write also writes it,
-under a line that says how it was made, to the folder's at_step<N>.md (the file the READMEs link).
+under a line that says how it was made, to the folder's at_step<N>_vs_<base>.md (at_step<N>.md
+without --base), so one folder holds a table for each base (the files the READMEs link).
 
     python bench/minigolf_figure.py bench/logs/minigolf_study03/longer_600s --swing 200 --write
 
@@ -107,8 +108,14 @@ def shown(folder: Path) -> str:
     return (folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder).as_posix()
 
 
+def at_step_name(step: int, base: str | None) -> str:
+    """The file --write puts at_step's table in, named after its base (a model as its logs name it,
+    so already a file name: 'study03_hnet+SMEAR_GATE-0')."""
+    return f"at_step{step}.md" if base is None else f"at_step{step}_vs_{base}.md"
+
+
 def at_step_file(folder: Path, step: int, base: str | None) -> str:
-    """at_step's table under the command that makes it and what it holds: at_step<N>.md's text."""
+    """at_step's table under the command that makes it: what --write puts in at_step_name's file."""
     command = f"python bench/minigolf_figure.py {shown(folder)} --at-step {step}"
     command += f" --base {base}" if base is not None else ""
     what = (f"the float model's validation BPB at step {step} (the runs' own periodic lines), "
@@ -189,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--swing", type=int, metavar="STEP",
                    help="print how far the validation moves between neighbouring points from STEP on")
     p.add_argument("--write", action="store_true",
-                   help="with --at-step or --swing: also write the folder's at_step<N>.md or swing.md")
+                   help="with --at-step or --swing: also write the folder's at_step<N>[_vs_<base>].md or swing.md")
     args = p.parse_args(argv)
     if args.write and args.at_step is None and args.swing is None:
         p.error("--write needs --at-step or --swing")
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
         text = at_step_file(args.logs, args.at_step, args.base)
         print(text, end="")
         if args.write:
-            files.write_atomic(args.logs / f"at_step{args.at_step}.md", text)
+            files.write_atomic(args.logs / at_step_name(args.at_step, args.base), text)
         return 0
     if args.out is None:
         p.error("--out is required to draw the figure")

@@ -302,10 +302,18 @@ def test_the_figure_reads_each_models_validation_lines_from_its_logs(tmp_path):
     with pytest.raises(SystemExit, match="no <model>_seed<S>.log with validation lines"):
         figure.curves(tmp_path / "empty")
     assert figure.main([str(tmp_path), "--at-step", "50", "--base", "study03_hnet", "--write"]) == 0
-    written = (tmp_path / "at_step50.md").read_text()
+    written = (tmp_path / "at_step50_vs_study03_hnet.md").read_text()
     command = f"python bench/minigolf_figure.py {tmp_path.as_posix()} --at-step 50 --base study03_hnet"
     assert written.startswith(f"`{command}`: ")
     assert written.endswith("\n\n" + figure.at_step(tmp_path, 50, "study03_hnet") + "\n")
+    # a second base (an arm's own base, say) gets its own file and leaves the first one as it was
+    assert figure.main([str(tmp_path), "--at-step", "50", "--base", "study03_hnet+SMEAR_GATE-0", "--write"]) == 0
+    assert figure.main([str(tmp_path), "--at-step", "50", "--write"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("at_step*.md")) == [
+        "at_step50.md", "at_step50_vs_study03_hnet+SMEAR_GATE-0.md", "at_step50_vs_study03_hnet.md"]
+    assert (tmp_path / "at_step50_vs_study03_hnet.md").read_text() == written
+    assert "minus study03_hnet+SMEAR_GATE-0's" in (tmp_path / "at_step50_vs_study03_hnet+SMEAR_GATE-0.md").read_text()
+    assert "minus" not in (tmp_path / "at_step50.md").read_text()
 
 
 def test_the_step_table_names_the_seeds_already_in_their_warmdown(tmp_path):
@@ -342,15 +350,15 @@ def test_the_swing_table_measures_the_change_between_neighbouring_validations(tm
 
 
 def test_every_committed_at_step_table_is_what_its_logs_give_now():
-    """The READMEs quote the at_step<N>.md files; each must be the script's output on its folder's
-    committed logs, byte for byte, with the command in its first line."""
+    """The READMEs quote the at_step<N>[_vs_<base>].md files; each must be the script's output on its
+    folder's committed logs, byte for byte, with the command in its first line and its base in its name."""
     figure = load_module("bench/minigolf_figure.py")
     tables = sorted((ROOT / "bench" / "logs").rglob("at_step*.md"))
     assert len(tables) >= 20
     for path in tables:
         m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --at-step (\d+)(?: --base (\S+))?`: .*",
                          path.read_text().split("\n", 1)[0])
-        assert m and ROOT / m[1] == path.parent and path.name == f"at_step{m[2]}.md", path
+        assert m and ROOT / m[1] == path.parent and path.name == figure.at_step_name(int(m[2]), m[3]), path
         assert figure.at_step_file(path.parent, int(m[2]), m[3]) == path.read_text(), path
     for path in sorted((ROOT / "bench" / "logs").rglob("swing.md")):  # and the swing tables likewise
         first = path.read_text().split("\n", 1)[0]
