@@ -166,7 +166,9 @@ def main(argv=None) -> int:
         for name in models:
             study, env, one_epoch = model_env(name, args.seconds, seed, args.overrides, args.docs)
             out = work / f"{log_name(name)}_seed{seed}"
-            print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {env['ITERATIONS']} steps (one epoch)", flush=True)
+            steps = int(env["ITERATIONS"])
+            cap = "one epoch" if steps == one_epoch else f"ITERATIONS; one epoch is {one_epoch}"
+            print(f"=== {name} seed {seed}: {args.seconds:g} s, at most {steps} steps ({cap})", flush=True)
             row = runs.measure(study, {**env, "OUTPUT_DIR": str(out), "RUN_ID": out.name})
             row["epochs"] = row["steps"] / max(one_epoch, 1)
             row["model"], row["seed"] = name, seed

@@ -56,6 +56,9 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     # the runs go in rounds of one seed, each model once a round
     order = re.findall(r"^=== (\S+) seed (\d+)", capsys_out, re.M)
     assert order == [("byte260_hnet", "1"), ("byte260_gpt", "1"), ("byte260_hnet", "2"), ("byte260_gpt", "2")]
+    # the demo preset's ITERATIONS=600 is below one epoch of this split: the banner names that cap
+    one_epoch = round(results["byte260_hnet"][0]["steps"] / results["byte260_hnet"][0]["epochs"])
+    assert f"=== byte260_hnet seed 1: 3 s, at most 600 steps (ITERATIONS; one epoch is {one_epoch})\n" in capsys_out
     # the demo's step-counted LR warmup is off for every model, so no model's budget is mostly warmup
     lines = (logs / "byte260_hnet_seed1.log").read_text().splitlines()
     assert "lr_warmup_steps:0" in lines and "qat_from_step:0" in lines  # not the demo's router recipe
@@ -66,7 +69,10 @@ def test_a_minigolf_arm_is_its_model_with_one_key_changed_run_in_the_same_rounds
     logs = tmp_path / "logs"
     arm = "byte260_hnet:TARGET_AVG_CHUNK_LEN=3"
     assert minigolf.main(["--models", f"byte260_hnet,{arm}", "--seconds", "2", "--seeds", "1", "--logs", str(logs),
-                          *TINY, f"DATA_PATH={sample_byte260}"]) == 0
+                          *TINY, "ITERATIONS=3", f"DATA_PATH={sample_byte260}"]) == 0
+    # an ITERATIONS below one epoch is the cap the banner names, not the epoch
+    banner = re.findall(r"^=== byte260_hnet seed 1: 2 s, at most (.*)$", capsys.readouterr().out, re.M)
+    assert len(banner) == 1 and re.fullmatch(r"3 steps \(ITERATIONS; one epoch is \d+\)", banner[0]), banner
     results = json.loads((logs / "results.json").read_text())
     assert list(results) == ["byte260_hnet", arm]
     base, changed = (logs / "byte260_hnet_seed1.log").read_text(), (logs / "byte260_hnet+TARGET_AVG_CHUNK_LEN-3_seed1.log").read_text()
