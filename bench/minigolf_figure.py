@@ -21,6 +21,12 @@ without --base), so one folder holds a table for each base (the files the README
 
 prints (and writes to swing.md) how far each run's validation BPB moves from one periodic point to
 the next from step 200 on: a measure of how noisy the end of a run is, whatever model it trains.
+
+    python bench/minigolf_figure.py bench/logs/minigolf_study03/lr_1000_steps --schedule 850 --write
+
+prints (and writes to schedule.md) each run's validations from step 850 on with the LR multiplier
+the warmdown had reached there, recomputed from the log: which stretch of the training order each
+run met at which LR, the thing that moves an endpoint when two runs' warmdowns start apart.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from harness import files  # noqa: E402
 LOG = re.compile(r"^(?P<model>.+)_seed(?P<seed>\d+)\.log$")
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", re.M)
 WARMDOWN = re.compile(r"^warmdown_iters:(\d+)$", re.M)
+SETTING = re.compile(r"^([a-z_0-9]+):(\S*)$", re.M)  # the hyperparameter lines a log opens with
 
 
 def logs(folder: Path) -> dict[str, dict[int, str]]:
@@ -57,6 +64,31 @@ def warmdown_start(text: str) -> int | None:
     time holds. None if the log does not say WARMDOWN_ITERS or has no validation."""
     w, steps = WARMDOWN.search(text), VAL.findall(text)
     return max(int(steps[-1][0]) - int(w[1]), 0) if w and steps else None
+
+
+def lr_multipliers(text: str) -> dict[int, float] | None:
+    """{validated step: the warmdown factor the step after it trains at}, by the trainer's rule (its
+    lr_schedule): linear to 0 over the last WARMDOWN_ITERS steps or, under a wall-clock cap, over the
+    time of WARMDOWN_ITERS mean steps before the cap, the mean taken from the log's own train_time
+    at that step; the smaller of the two. No LR warmup (the bench runs have none). None if the log
+    does not print a setting this needs."""
+    hp = dict(SETTING.findall(text.split("\nstep:", 1)[0]))
+    try:
+        iterations, warmdown = int(hp["iterations"]), int(hp["warmdown_iters"])
+        seconds = float(hp["max_wallclock_seconds"])
+        gptq = "int6" in hp["export_formats"].split(",") and int(hp["gptq_calib_batches"]) > 0
+        reserve = float(hp["gptq_reserve_seconds"]) if gptq else 0.0
+        cap_ms = 1000 * (seconds - reserve) if seconds > 0 else 0.0
+    except (KeyError, ValueError):
+        return None
+    out = {}
+    for step, _, ms in VAL.findall(text):
+        s, elapsed = int(step), float(ms)
+        factor = min(max((iterations - s) / warmdown, 0.0), 1.0) if warmdown > 0 else 1.0
+        if warmdown > 0 and cap_ms > 0 and s > 0:
+            factor = min(factor, max(cap_ms - elapsed, 0.0) / (warmdown * elapsed / s))
+        out[s] = factor
+    return out
 
 
 def validations(folder: Path) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
@@ -154,6 +186,30 @@ def swing_file(folder: Path, start: int) -> str:
             f"{swing(folder, start)}\n")
 
 
+def schedule(folder: Path, start: int) -> str:
+    """Each run's validations from step `start` on, with the LR multiplier the next step trains at
+    and the change from the previous validation: where a run's warmdown met its training order."""
+    rows = []
+    for model, texts in logs(folder).items():
+        for seed, text in sorted(texts.items()):
+            factors = lr_multipliers(text)
+            points = [(int(s), float(b)) for s, b, _ in VAL.findall(text)]
+            for (_, before), (step, bpb) in zip(points, points[1:]):
+                if step >= start:
+                    lr = "?" if factors is None else f"{factors[step]:.2f}"
+                    rows.append([model, str(seed), str(step), lr, f"{bpb:.4f}", f"{bpb - before:+.4f}"])
+    head = ["model", "seed", "step", "LR multiplier after it", "validation BPB", "change from the previous point"]
+    return files.markdown_table(head, rows)
+
+
+def schedule_file(folder: Path, start: int) -> str:
+    return (f"`python bench/minigolf_figure.py {shown(folder)} --schedule {start}`: each run's periodic "
+            "validation BPB (float model) from that step on, the warmdown factor the following step trains "
+            "at (the trainer's rule applied to the log's own settings and train_time) and the change since "
+            "the previous point\n\n"
+            f"{schedule(folder, start)}\n")
+
+
 def mean_curve(seeds: dict[int, list[tuple[float, float]]]) -> list[tuple[float, float]]:
     """Point i of the mean: the seeds' i-th validations (the same step of each), averaged."""
     n = min(len(p) for p in seeds.values())
@@ -195,22 +251,26 @@ def main(argv=None) -> int:
     p.add_argument("--base", help="with --at-step: a model to subtract, seed by seed")
     p.add_argument("--swing", type=int, metavar="STEP",
                    help="print how far the validation moves between neighbouring points from STEP on")
+    p.add_argument("--schedule", type=int, metavar="STEP",
+                   help="print each run's validations from STEP on with the LR multiplier they met")
     p.add_argument("--write", action="store_true",
-                   help="with --at-step or --swing: also write the folder's at_step<N>[_vs_<base>].md or swing.md")
+                   help="with --at-step, --swing or --schedule: also write the folder's "
+                        "at_step<N>[_vs_<base>].md, swing.md or schedule.md")
     args = p.parse_args(argv)
-    if args.write and args.at_step is None and args.swing is None:
-        p.error("--write needs --at-step or --swing")
-    if args.swing is not None:
-        text = swing_file(args.logs, args.swing)
+    if args.write and args.at_step is None and args.swing is None and args.schedule is None:
+        p.error("--write needs --at-step, --swing or --schedule")
+    report = None
+    if args.schedule is not None:
+        report = schedule_file(args.logs, args.schedule), "schedule.md"
+    elif args.swing is not None:
+        report = swing_file(args.logs, args.swing), "swing.md"
+    elif args.at_step is not None:
+        report = at_step_file(args.logs, args.at_step, args.base), at_step_name(args.at_step, args.base)
+    if report is not None:
+        text, name = report
         print(text, end="")
         if args.write:
-            files.write_atomic(args.logs / "swing.md", text)
-        return 0
-    if args.at_step is not None:
-        text = at_step_file(args.logs, args.at_step, args.base)
-        print(text, end="")
-        if args.write:
-            files.write_atomic(args.logs / at_step_name(args.at_step, args.base), text)
+            files.write_atomic(args.logs / name, text)
         return 0
     if args.out is None:
         p.error("--out is required to draw the figure")

@@ -355,6 +355,31 @@ def test_the_swing_table_measures_the_change_between_neighbouring_validations(tm
     assert (tmp_path / "swing.md").read_text() == figure.swing_file(tmp_path, 100)
 
 
+def test_the_schedule_table_recomputes_the_trainers_warmdown_from_the_log(tmp_path):
+    """The LR multiplier a run met after each validation, from the log alone: by steps when ITERATIONS
+    ends the run, by the clock (time left over WARMDOWN_ITERS mean steps) when the cap comes first,
+    with GPTQ's reserve taken from the cap only when an int6 export calibrates."""
+    figure = load_module("bench/minigolf_figure.py")
+    settings = ["iterations:1000", "warmdown_iters:100", "max_wallclock_seconds:100.0", "gptq_reserve_seconds:10.0",
+                "export_formats:int6", "gptq_calib_batches:8"]
+    # 100 ms a step: the clock's warmdown (100 steps = 10 s) starts at 80 s of the 90 s left, step 800
+    vals = [f"step:{s}/1000 val_loss:1.0 val_bpb:{3 - s / 1000} train_time:{100 * s}ms step_avg:100ms"
+            for s in (0, 700, 850, 900)]
+    text = "\n".join(["[trainer source omitted]", *settings, *vals]) + "\n"
+    assert figure.lr_multipliers(text) == pytest.approx({0: 1.0, 700: 1.0, 850: 0.5, 900: 0.0})
+    by_steps = text.replace("iterations:1000", "iterations:860").replace("max_wallclock_seconds:100.0",
+                                                                         "max_wallclock_seconds:0.0")
+    assert figure.lr_multipliers(by_steps) == pytest.approx({0: 1.0, 700: 1.0, 850: 0.1, 900: 0.0})
+    no_gptq = text.replace("gptq_calib_batches:8", "gptq_calib_batches:0")  # no reserve: the cap is 100 s
+    assert [figure.lr_multipliers(no_gptq)[s] for s in (850, 900)] == pytest.approx([1.0, 1.0])
+    assert figure.lr_multipliers(text.replace("warmdown_iters:100\n", "")) is None
+    (tmp_path / "study03_hnet_seed1.log").write_text(text)
+    rows = [line.split(" | ") for line in figure.schedule(tmp_path, 850).splitlines()[2:]]
+    assert [r[2:] for r in rows] == [["850", "0.50", "2.1500", "-0.1500 |"], ["900", "0.00", "2.1000", "-0.0500 |"]]
+    assert figure.main([str(tmp_path), "--schedule", "850", "--write"]) == 0
+    assert (tmp_path / "schedule.md").read_text() == figure.schedule_file(tmp_path, 850)
+
+
 def test_every_committed_at_step_table_is_what_its_logs_give_now():
     """The READMEs quote the at_step<N>[_vs_<base>].md files; each must be the script's output on its
     folder's committed logs, byte for byte, with the command in its first line and its base in its name."""
@@ -371,6 +396,11 @@ def test_every_committed_at_step_table_is_what_its_logs_give_now():
         m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --swing (\d+)`: .*", first)
         assert m and ROOT / m[1] == path.parent, path
         assert figure.swing_file(path.parent, int(m[2])) == path.read_text(), path
+    for path in sorted((ROOT / "bench" / "logs").rglob("schedule.md")):  # and the schedule tables
+        first = path.read_text().split("\n", 1)[0]
+        m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --schedule (\d+)`: .*", first)
+        assert m and ROOT / m[1] == path.parent, path
+        assert figure.schedule_file(path.parent, int(m[2])) == path.read_text(), path
 
 
 def test_the_router_float_arm_quantises_everything_but_the_router():
