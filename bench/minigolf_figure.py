@@ -43,7 +43,6 @@ from harness import files  # noqa: E402
 
 LOG = re.compile(r"^(?P<model>.+)_seed(?P<seed>\d+)\.log$")
 VAL = re.compile(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:(\d+)ms", re.M)
-WARMDOWN = re.compile(r"^warmdown_iters:(\d+)$", re.M)
 SETTING = re.compile(r"^([a-z_0-9]+):(\S*)$", re.M)  # the hyperparameter lines a log opens with
 
 
@@ -57,13 +56,18 @@ def logs(folder: Path) -> dict[str, dict[int, str]]:
     return out
 
 
+def settings(text: str) -> dict[str, str]:
+    """The `key:value` lines a log prints before its first step (its resolved hyperparameters)."""
+    return dict(SETTING.findall(text.split("\nstep:", 1)[0]))
+
+
 def warmdown_start(text: str) -> int | None:
     """The step a run's warmdown started at: its last validated step (the end) less WARMDOWN_ITERS.
     Exact when ITERATIONS ends the run; under a wall-clock cap the trainer starts the warmdown when
     the time left is WARMDOWN_ITERS mean steps, so this is right to a step or two while the step
     time holds. None if the log does not say WARMDOWN_ITERS or has no validation."""
-    w, steps = WARMDOWN.search(text), VAL.findall(text)
-    return max(int(steps[-1][0]) - int(w[1]), 0) if w and steps else None
+    w, steps = settings(text).get("warmdown_iters"), VAL.findall(text)
+    return max(int(steps[-1][0]) - int(w), 0) if w and steps else None
 
 
 def lr_multipliers(text: str) -> dict[int, float] | None:
@@ -72,7 +76,7 @@ def lr_multipliers(text: str) -> dict[int, float] | None:
     time of WARMDOWN_ITERS mean steps before the cap, the mean taken from the log's own train_time
     at that step; the smaller of the two. No LR warmup (the bench runs have none). None if the log
     does not print a setting this needs."""
-    hp = dict(SETTING.findall(text.split("\nstep:", 1)[0]))
+    hp = settings(text)
     try:
         iterations, warmdown = int(hp["iterations"]), int(hp["warmdown_iters"])
         seconds = float(hp["max_wallclock_seconds"])
@@ -257,8 +261,6 @@ def main(argv=None) -> int:
                    help="with --at-step, --swing or --schedule: also write the folder's "
                         "at_step<N>[_vs_<base>].md, swing.md or schedule.md")
     args = p.parse_args(argv)
-    if args.write and args.at_step is None and args.swing is None and args.schedule is None:
-        p.error("--write needs --at-step, --swing or --schedule")
     report = None
     if args.schedule is not None:
         report = schedule_file(args.logs, args.schedule), "schedule.md"
@@ -266,6 +268,8 @@ def main(argv=None) -> int:
         report = swing_file(args.logs, args.swing), "swing.md"
     elif args.at_step is not None:
         report = at_step_file(args.logs, args.at_step, args.base), at_step_name(args.at_step, args.base)
+    if args.write and report is None:
+        p.error("--write needs --at-step, --swing or --schedule")
     if report is not None:
         text, name = report
         print(text, end="")

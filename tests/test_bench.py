@@ -391,16 +391,14 @@ def test_every_committed_at_step_table_is_what_its_logs_give_now():
                          path.read_text().split("\n", 1)[0])
         assert m and ROOT / m[1] == path.parent and path.name == figure.at_step_name(int(m[2]), m[3]), path
         assert figure.at_step_file(path.parent, int(m[2]), m[3]) == path.read_text(), path
-    for path in sorted((ROOT / "bench" / "logs").rglob("swing.md")):  # and the swing tables likewise
-        first = path.read_text().split("\n", 1)[0]
-        m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --swing (\d+)`: .*", first)
-        assert m and ROOT / m[1] == path.parent, path
-        assert figure.swing_file(path.parent, int(m[2])) == path.read_text(), path
-    for path in sorted((ROOT / "bench" / "logs").rglob("schedule.md")):  # and the schedule tables
-        first = path.read_text().split("\n", 1)[0]
-        m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --schedule (\d+)`: .*", first)
-        assert m and ROOT / m[1] == path.parent, path
-        assert figure.schedule_file(path.parent, int(m[2])) == path.read_text(), path
+    # and the swing and schedule tables likewise
+    for name, flag, make in (("swing.md", "--swing", figure.swing_file),
+                             ("schedule.md", "--schedule", figure.schedule_file)):
+        for path in sorted((ROOT / "bench" / "logs").rglob(name)):
+            first = path.read_text().split("\n", 1)[0]
+            m = re.fullmatch(rf"`python bench/minigolf_figure\.py (\S+) {flag} (\d+)`: .*", first)
+            assert m and ROOT / m[1] == path.parent, path
+            assert make(path.parent, int(m[2])) == path.read_text(), path
 
 
 def test_the_router_float_arm_quantises_everything_but_the_router():
