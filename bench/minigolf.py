@@ -34,6 +34,10 @@ Prints one table (markdown) and writes it with each run's train.log to --logs. I
 is each model's round-trip BPB minus the first model's at the same seed, mean (min to max): put
 the base first and an arm's effect is read there, with the seed's own luck cancelled.
 `--retable` rewrites a logs folder's table from its results.json (after the columns change).
+`--combine A B ... --logs OUT` writes one table from several logs folders (more seeds of the same
+comparison, run later): only the models every folder ran, so each row's seeds were each run in a
+round beside the first model's, and only folders whose command differs in nothing but --seeds and
+--models.
 """
 
 from __future__ import annotations
@@ -92,6 +96,46 @@ def table(results: dict) -> str:
     return files.markdown_table(head, lines)
 
 
+def combine(folders: list[Path], out: Path) -> tuple[dict, str]:
+    """The results of several bench runs as one (models in the first folder's order, rows in the
+    folders' order) and the line that heads their table in `out`. Keeps the models every folder ran;
+    refuses folders whose commands differ in more than --seeds and --models, or that share a seed."""
+    if any(f.resolve() == out.resolve() for f in folders):
+        raise SystemExit(f"error: --combine: --logs {out} is one of the folders combined; write to a new one")
+    parts, settings, first_run = [], [], {}
+    for folder in folders:
+        try:
+            results = json.loads((folder / "results.json").read_text())
+            words = (folder / "table.md").read_text().split("`", 2)[1].split()
+        except (OSError, ValueError, IndexError) as e:
+            raise SystemExit(f"error: --combine {folder}: not a bench/minigolf.py --logs folder "
+                             f"(results.json and a table.md headed by its command): {e}")
+        per_run = {i + k for i, w in enumerate(words) if w in ("--seeds", "--models") for k in (0, 1)}
+        settings.append(" ".join(w for i, w in enumerate(words) if i not in per_run))
+        if settings[-1] != settings[0]:
+            raise SystemExit(f"error: --combine: {folders[0]} ran `{settings[0]}` and {folder} ran "
+                             f"`{settings[-1]}` (beyond --seeds and --models): not one comparison")
+        for seed in dict.fromkeys(r["seed"] for rows in results.values() for r in rows):  # in the order run
+            if seed in first_run:
+                raise SystemExit(f"error: --combine: {first_run[seed]} and {folder} both ran seed {seed}: "
+                                 "it would count twice")
+            first_run[seed] = folder
+        parts.append(results)
+    models = [m for m in parts[0] if all(m in part for part in parts)]
+    if not models:
+        raise SystemExit(f"error: --combine: no model was run in every one of {', '.join(map(str, folders))}")
+    dropped = sorted({m for part in parts for m in part} - set(models))
+    left_out = f" (left out: {', '.join(dropped)})" if dropped else ""
+    runs_of = " and ".join(f"{files.shown(f)} (seeds {', '.join(str(s) for s, g in first_run.items() if g == f)})"
+                           for f in folders)
+    head = (f"`python bench/minigolf.py --combine {' '.join(map(files.shown, folders))} --logs {files.shown(out)}`: "
+            f"the runs of {runs_of}, each `{settings[0]}` with its own --seeds and --models; the models every "
+            f"folder ran{left_out}; mean (min-max) over seeds "
+            f"{','.join(map(str, first_run))}; BPB of the validation speeches (2015-2021); round trip = the int6 "
+            "GPTQ artifact read back")
+    return {m: [r for part in parts for r in part[m]] for m in models}, head
+
+
 def parse_model(name: str) -> tuple[str, dict]:
     """'study03_hnet:SMEAR_GATE=0' -> ('study03_hnet', {'SMEAR_GATE': '0'}); the keys are checked
     against the trainer by modules.run_env."""
@@ -141,8 +185,18 @@ def main(argv=None) -> int:
                                              "(exported to byte260 and sp1024 on first use)")
     p.add_argument("--retable", action="store_true", help="rewrite --logs' table.md from its results.json, "
                                                              "keeping its command line, and run nothing")
+    p.add_argument("--combine", nargs="+", type=Path, metavar="FOLDER",
+                   help="write --logs' table.md and results.json from these logs folders (more seeds of one "
+                        "comparison), and run nothing")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE for every model")
     args = p.parse_intermixed_args(argv)
+    if args.combine:
+        results, head = combine(args.combine, args.logs)
+        args.logs.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(args.logs / "results.json", json.dumps(results, indent=1) + "\n")
+        files.write_atomic(args.logs / "table.md", f"{head}\n\n{table(results)}\n")
+        print((args.logs / "table.md").read_text())
+        return 0
     if args.retable:
         results = json.loads((args.logs / "results.json").read_text())
         intro = (args.logs / "table.md").read_text().split("\n\n", 1)[0]

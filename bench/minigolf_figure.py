@@ -17,6 +17,13 @@ their warmdown at that step (the run's last step less WARMDOWN_ITERS); --write a
 under a line that says how it was made, to the folder's at_step<N>_vs_<base>.md (at_step<N>.md
 without --base), so one folder holds a table for each base (the files the READMEs link).
 
+    python bench/minigolf_figure.py bench/logs/minigolf_study03/best_lr_600s --at-seconds 400 --base study03_gpt
+
+does the same at equal training seconds (the footing the bench's table is on, at the end): each
+run's validation BPB where its line crosses that time, linear between the periodic points either
+side, and the step it had reached; --write puts it in at_seconds<T>[_vs_<base>].md. Read at a few
+times, it shows where in a run one model's lead forms.
+
     python bench/minigolf_figure.py bench/logs/minigolf_study03/longer_600s --swing 200 --write
 
 prints (and writes to swing.md) how far each run's validation BPB moves from one periodic point to
@@ -70,29 +77,37 @@ def warmdown_start(text: str) -> int | None:
     return max(int(steps[-1][0]) - int(w), 0) if w and steps else None
 
 
-def lr_multipliers(text: str) -> dict[int, float] | None:
-    """{validated step: the warmdown factor the step after it trains at}, by the trainer's rule (its
-    lr_schedule): linear to 0 over the last WARMDOWN_ITERS steps or, under a wall-clock cap, over the
-    time of WARMDOWN_ITERS mean steps before the cap, the mean taken from the log's own train_time
-    at that step; the smaller of the two. No LR warmup (the bench runs have none). None if the log
-    does not print a setting this needs."""
+def warmdown_rule(text: str):
+    """The trainer's warmdown factor (its lr_schedule) as a function of (step, training ms), from a
+    log's own settings: linear to 0 over the last WARMDOWN_ITERS steps or, under a wall-clock cap,
+    over the time of WARMDOWN_ITERS mean steps before the cap (the mean from the elapsed time at that
+    step); the smaller of the two. No LR warmup (the bench runs have none). None if the log does not
+    print a setting this needs."""
     hp = settings(text)
     try:
         iterations, warmdown = int(hp["iterations"]), int(hp["warmdown_iters"])
         seconds = float(hp["max_wallclock_seconds"])
         gptq = "int6" in hp["export_formats"].split(",") and int(hp["gptq_calib_batches"]) > 0
         reserve = float(hp["gptq_reserve_seconds"]) if gptq else 0.0
-        cap_ms = 1000 * (seconds - reserve) if seconds > 0 else 0.0
     except (KeyError, ValueError):
         return None
-    out = {}
-    for step, _, ms in VAL.findall(text):
-        s, elapsed = int(step), float(ms)
-        factor = min(max((iterations - s) / warmdown, 0.0), 1.0) if warmdown > 0 else 1.0
-        if warmdown > 0 and cap_ms > 0 and s > 0:
-            factor = min(factor, max(cap_ms - elapsed, 0.0) / (warmdown * elapsed / s))
-        out[s] = factor
-    return out
+    cap_ms = 1000 * (seconds - reserve) if seconds > 0 else 0.0
+
+    def factor(step: float, elapsed: float) -> float:
+        if warmdown <= 0:
+            return 1.0
+        down = min(max((iterations - step) / warmdown, 0.0), 1.0)
+        if cap_ms > 0 and step > 0:
+            down = min(down, max(cap_ms - elapsed, 0.0) / (warmdown * elapsed / step))
+        return down
+    return factor
+
+
+def lr_multipliers(text: str) -> dict[int, float] | None:
+    """{validated step: the warmdown factor the step after it trains at} (warmdown_rule at the log's
+    own train_time there); None if the log does not print a setting the rule needs."""
+    rule = warmdown_rule(text)
+    return None if rule is None else {int(s): rule(int(s), float(ms)) for s, _, ms in VAL.findall(text)}
 
 
 def validations(folder: Path) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
@@ -114,6 +129,11 @@ def curves(folder: Path) -> dict[str, dict[int, list[tuple[float, float]]]]:
             for model, seeds in validations(folder).items()}
 
 
+def check_base(folder: Path, base: str | None, models) -> None:
+    if base is not None and base not in models:
+        raise SystemExit(f"error: --base {base}: no such model in {folder} (have: {', '.join(sorted(models))})")
+
+
 def at_step(folder: Path, step: int, base: str | None) -> str:
     """A markdown table of each model's validation BPB at `step`, over the seeds that reached it,
     with `base` its difference from that model at the same seed, and which of those seeds were in
@@ -121,8 +141,7 @@ def at_step(folder: Path, step: int, base: str | None) -> str:
     data = {model: {seed: bpb for seed, points in seeds.items() for s, _, bpb in points if s == step}
             for model, seeds in validations(folder).items()}
     texts = logs(folder)
-    if base is not None and base not in data:
-        raise SystemExit(f"error: --base {base}: no such model in {folder} (have: {', '.join(sorted(data))})")
+    check_base(folder, base, data)
 
     rows = []
     for model, by_seed in data.items():
@@ -139,26 +158,70 @@ def at_step(folder: Path, step: int, base: str | None) -> str:
     return files.markdown_table(head + ["of those, in the warmdown (from step)"], rows)
 
 
-def shown(folder: Path) -> str:
-    """The folder as a command in a written table names it: relative to the repository if inside it."""
-    return (folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder).as_posix()
+
+def interpolate(points: list[tuple[int, float, float]], seconds: float) -> tuple[float, float] | None:
+    """(step, val_bpb) of a run at `seconds` of training, linear between the two validations either
+    side of it ([(step, seconds, bpb), ...] in order); None if the run stopped before then."""
+    for (s0, t0, b0), (s1, t1, b1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            w = (seconds - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return s0 + w * (s1 - s0), b0 + w * (b1 - b0)
+    return None
 
 
-def at_step_name(step: int, base: str | None) -> str:
-    """The file --write puts at_step's table in, named after its base (a model as its logs name it,
-    so already a file name: 'study03_hnet+SMEAR_GATE-0')."""
-    return f"at_step{step}.md" if base is None else f"at_step{step}_vs_{base}.md"
+def at_seconds(folder: Path, seconds: float, base: str | None) -> str:
+    """A markdown table of each model's validation BPB at `seconds` of training (the bench's own
+    footing, equal time, where at_step is equal steps), over the seeds whose runs got that far:
+    interpolated between the periodic validations around it, so it is the reading of the figure's
+    line there, with the step it falls at and the warmdown factor the trainer's rule gives there (a
+    falling LR lowers the loss at once, and a warmdown counted in steps starts earlier in seconds for
+    the model with the slower step); with `base` its difference from that model, same seed."""
+    texts = logs(folder)
+    read = {model: {seed: point for seed, points in seeds.items()
+                    if (point := interpolate(points, seconds)) is not None}
+            for model, seeds in validations(folder).items()}
+    check_base(folder, base, read)
+    rows = []
+    for model, by_seed in read.items():
+        bpb = {seed: b for seed, (_, b) in by_seed.items()}
+        rules = {seed: warmdown_rule(texts[model][seed]) for seed in by_seed}
+        lr = "-" if not by_seed else "?" if None in rules.values() else files.spread(
+            [rules[seed](step, 1000 * seconds) for seed, (step, _) in by_seed.items()], "{:.2f}")
+        cells = [model, ", ".join(map(str, sorted(by_seed))) or "none",
+                 files.spread([s for s, _ in by_seed.values()], "{:.0f}") if by_seed else "-",
+                 files.spread(list(bpb.values()), "{:.4f}") if by_seed else "-", lr]
+        if base is not None:
+            cells.append("-" if model == base else
+                         files.paired(bpb, {seed: b for seed, (_, b) in read[base].items()}))
+        rows.append(cells)
+    head = ["model", f"seeds at {seconds:g} s", f"step at {seconds:g} s", f"validation BPB at {seconds:g} s",
+            "warmdown factor there"]
+    return files.markdown_table(head + ([f"minus {base}'s, same seed"] if base is not None else []), rows)
 
 
-def at_step_file(folder: Path, step: int, base: str | None) -> str:
-    """at_step's table under the command that makes it: what --write puts in at_step_name's file."""
-    command = f"python bench/minigolf_figure.py {shown(folder)} --at-step {step}"
+def readout_name(kind: str, n: int, base: str | None) -> str:
+    """The file --write puts an at-step or at-seconds table in ('step' or 'seconds'), named after its
+    base (a model as its logs name it, so already a file name: 'study03_hnet+SMEAR_GATE-0')."""
+    return f"at_{kind}{n}.md" if base is None else f"at_{kind}{n}_vs_{base}.md"
+
+
+def readout_file(folder: Path, kind: str, n: int, base: str | None) -> str:
+    """at_step's or at_seconds' table under the command that makes it: what --write puts in
+    readout_name's file."""
+    command = f"python bench/minigolf_figure.py {files.shown(folder)} --at-{kind} {n}"
     command += f" --base {base}" if base is not None else ""
-    what = (f"the float model's validation BPB at step {step} (the runs' own periodic lines), "
-            "mean (min-max) over seeds")
+    if kind == "step":
+        what = (f"the float model's validation BPB at step {n} (the runs' own periodic lines), "
+                "mean (min-max) over seeds")
+        tail = "; the last column: seeds whose warmdown had started (at their last step less WARMDOWN_ITERS)"
+        table = at_step(folder, n, base)
+    else:
+        what = (f"the float model's validation BPB at {n} s of training, linear between the runs' own "
+                "periodic validations either side, the step it falls at and the LR's warmdown factor there "
+                "(the trainer's rule applied to the log's settings), mean (min-max) over seeds")
+        tail, table = "", at_seconds(folder, n, base)
     what += ", and its difference from the base at the same seed" if base is not None else ""
-    what += "; the last column: seeds whose warmdown had started (at their last step less WARMDOWN_ITERS)"
-    return f"`{command}`: {what}\n\n{at_step(folder, step, base)}\n"
+    return f"`{command}`: {what}{tail}\n\n{table}\n"
 
 
 def swing(folder: Path, start: int) -> str:
@@ -185,7 +248,7 @@ def swing(folder: Path, start: int) -> str:
 
 
 def swing_file(folder: Path, start: int) -> str:
-    return (f"`python bench/minigolf_figure.py {shown(folder)} --swing {start}`: the change of each run's "
+    return (f"`python bench/minigolf_figure.py {files.shown(folder)} --swing {start}`: the change of each run's "
             "validation BPB (float model) from one periodic point to the next, mean (min-max) over seeds\n\n"
             f"{swing(folder, start)}\n")
 
@@ -207,7 +270,7 @@ def schedule(folder: Path, start: int) -> str:
 
 
 def schedule_file(folder: Path, start: int) -> str:
-    return (f"`python bench/minigolf_figure.py {shown(folder)} --schedule {start}`: each run's periodic "
+    return (f"`python bench/minigolf_figure.py {files.shown(folder)} --schedule {start}`: each run's periodic "
             "validation BPB (float model) from that step on, the warmdown factor the following step trains "
             "at (the trainer's rule applied to the log's own settings and train_time) and the change since "
             "the previous point\n\n"
@@ -252,24 +315,31 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="the PNG to write")
     p.add_argument("--title", default="", help="the figure's title (default: the folder's name)")
     p.add_argument("--at-step", type=int, help="print each model's validation BPB at this step instead of drawing")
-    p.add_argument("--base", help="with --at-step: a model to subtract, seed by seed")
+    p.add_argument("--at-seconds", type=int, metavar="T",
+                   help="print each model's validation BPB at T training seconds (interpolated) instead of drawing")
+    p.add_argument("--base", help="with --at-step or --at-seconds: a model to subtract, seed by seed")
     p.add_argument("--swing", type=int, metavar="STEP",
                    help="print how far the validation moves between neighbouring points from STEP on")
     p.add_argument("--schedule", type=int, metavar="STEP",
                    help="print each run's validations from STEP on with the LR multiplier they met")
     p.add_argument("--write", action="store_true",
-                   help="with --at-step, --swing or --schedule: also write the folder's "
-                        "at_step<N>[_vs_<base>].md, swing.md or schedule.md")
+                   help="with --at-step, --at-seconds, --swing or --schedule: also write the folder's "
+                        "at_step<N>[_vs_<base>].md, at_seconds<T>[_vs_<base>].md, swing.md or schedule.md")
     args = p.parse_args(argv)
+    if args.at_step is not None and args.at_seconds is not None:
+        p.error("--at-step and --at-seconds: give one (a table is at equal steps or at equal seconds)")
+    if args.base is not None and args.at_step is None and args.at_seconds is None:
+        p.error("--base needs --at-step or --at-seconds")
     report = None
     if args.schedule is not None:
         report = schedule_file(args.logs, args.schedule), "schedule.md"
     elif args.swing is not None:
         report = swing_file(args.logs, args.swing), "swing.md"
-    elif args.at_step is not None:
-        report = at_step_file(args.logs, args.at_step, args.base), at_step_name(args.at_step, args.base)
+    elif args.at_step is not None or args.at_seconds is not None:
+        kind, n = ("step", args.at_step) if args.at_step is not None else ("seconds", args.at_seconds)
+        report = readout_file(args.logs, kind, n, args.base), readout_name(kind, n, args.base)
     if args.write and report is None:
-        p.error("--write needs --at-step, --swing or --schedule")
+        p.error("--write needs --at-step, --at-seconds, --swing or --schedule")
     if report is not None:
         text, name = report
         print(text, end="")

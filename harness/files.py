@@ -14,6 +14,13 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GROUPED_MAGIC = b"HNG2"  # study 03's EXPORT_CODEC=grouped: a zstd-compressed JSON header, then the streams
 LOG_SEPARATOR = "=" * 100  # the trainers' line between their own source and the rest of train.log
 OMITTED = "[trainer source omitted:"  # how log_without_source's one line begins
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown(path: Path) -> str:
+    """A path as a table's command line names it: relative to the repository when inside it."""
+    full = path.resolve()
+    return (full.relative_to(REPO) if full.is_relative_to(REPO) else path).as_posix()
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

@@ -64,6 +64,65 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert "lr_warmup_steps:0" in lines and "qat_from_step:0" in lines  # not the demo's router recipe
 
 
+def test_combine_pools_later_seeds_of_one_comparison_and_refuses_what_is_not_one(tmp_path):
+    """More seeds of a comparison, run in another session, make one table: only the models every
+    folder ran (each row's seeds each ran in a round beside the first model), the same settings."""
+    minigolf = load_module("bench/minigolf.py")
+
+    def folder(name, seeds, models, seconds=600):
+        path = tmp_path / name
+        path.mkdir()
+        rows = {m: [{"params": 1000, "context_bytes": 512.0, "train_bytes_per_s": 5000.0 + seed, "steps": 700 + seed,
+                     "epochs": 0.3, "float": bpb - 0.001, "roundtrip": bpb, "bytes": 9000, "boundaries": None,
+                     "seed": seed, "model": m} for seed in seeds]
+                for m, bpb in models.items()}
+        (path / "results.json").write_text(json.dumps(rows))
+        command = (f"python bench/minigolf.py --seconds {seconds} --seeds {','.join(map(str, seeds))} "
+                   f"--models {','.join(models)} --docs corpus.jsonl.xz EVAL_SLIDING=0")
+        (path / "table.md").write_text(f"`{command}`: mean (min-max)\n\n| table |\n")
+        return path
+
+    first = folder("first", [1337, 1], {"study03_gpt": 2.25, "study03_hnet": 2.20, "study03_rule": 2.3})
+    second = folder("second", [2], {"study03_gpt": 2.27, "study03_hnet": 2.25})
+    out = tmp_path / "pooled"
+    assert minigolf.main(["--combine", str(first), str(second), "--logs", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["study03_gpt", "study03_hnet"]  # study03_rule ran at two seeds only
+    assert [r["seed"] for r in results["study03_hnet"]] == [1337, 1, 2]
+    head, table = (out / "table.md").read_text().split("\n\n", 1)
+    assert table == minigolf.table(results) + "\n"
+    assert "(seeds 1337, 1) and " in head and "(seeds 2)" in head and "left out: study03_rule" in head
+    assert "over seeds 1337,1,2;" in head and "--seeds" not in head.split("`")[3]  # the settings they share
+    hnet = next(line for line in table.splitlines() if line.startswith("| study03_hnet |"))
+    assert hnet.endswith("| -0.0400 (-0.0500 to -0.0200) |")  # -0.05, -0.05 and -0.02, each against its seed
+    refused = {"not one comparison": [first, folder("shorter", [3], {"study03_gpt": 2.3}, seconds=150)],
+               "both ran seed 1": [first, folder("again", [1], {"study03_gpt": 2.3})],
+               "no model was run in every one": [first, folder("other", [4], {"study02_hnet": 2.3})],
+               "not a bench/minigolf.py --logs folder": [first, tmp_path / "missing"]}
+    for said, folders in refused.items():
+        with pytest.raises(SystemExit, match=said):
+            minigolf.main(["--combine", *map(str, folders), "--logs", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit, match="is one of the folders combined"):
+        minigolf.main(["--combine", str(first), str(second), "--logs", str(first)])
+    assert json.loads((first / "results.json").read_text())["study03_rule"][0]["roundtrip"] == 2.3
+
+
+def test_every_committed_pooled_table_is_what_its_folders_give_now():
+    """A pooled table (bench/minigolf.py --combine) quoted by a README is the combination of the
+    committed folders its first line names, byte for byte, results.json included."""
+    minigolf = load_module("bench/minigolf.py")
+    pooled = [path for path in sorted((ROOT / "bench" / "logs").rglob("table.md"))
+              if path.read_text().startswith("`python bench/minigolf.py --combine ")]
+    assert len(pooled) >= 2
+    for path in pooled:
+        m = re.match(r"`python bench/minigolf\.py --combine (.+?) --logs (\S+)`: ", path.read_text())
+        assert m and ROOT / m[2] == path.parent, path
+        results, head = minigolf.combine([ROOT / f for f in m[1].split()], path.parent)
+        assert path.read_text() == f"{head}\n\n{minigolf.table(results)}\n", path
+        assert json.loads((path.parent / "results.json").read_text()) == results, path
+
+
 def test_a_minigolf_arm_is_its_model_with_one_key_changed_run_in_the_same_rounds(sample_byte260, tmp_path, capsys):
     minigolf = load_module("bench/minigolf.py")
     logs = tmp_path / "logs"
@@ -380,17 +439,55 @@ def test_the_schedule_table_recomputes_the_trainers_warmdown_from_the_log(tmp_pa
     assert (tmp_path / "schedule.md").read_text() == figure.schedule_file(tmp_path, 850)
 
 
-def test_every_committed_at_step_table_is_what_its_logs_give_now():
-    """The READMEs quote the at_step<N>[_vs_<base>].md files; each must be the script's output on its
-    folder's committed logs, byte for byte, with the command in its first line and its base in its name."""
+def test_the_seconds_table_reads_each_run_where_its_line_crosses_that_time(tmp_path):
+    """At equal training seconds (the bench's footing): linear between the validations either side,
+    with the step reached; a run that stopped earlier is left out, not read at its end."""
     figure = load_module("bench/minigolf_figure.py")
-    tables = sorted((ROOT / "bench" / "logs").rglob("at_step*.md"))
+    runs = {("study03_gpt", 1): [(0, 0, 3.0), (50, 40_000, 2.6), (100, 80_000, 2.4)],
+            ("study03_gpt", 2): [(0, 0, 3.0), (50, 50_000, 2.8), (80, 80_000, 2.7)],
+            ("study03_hnet", 1): [(0, 0, 3.0), (50, 25_000, 2.7), (100, 50_000, 2.5), (150, 75_000, 2.3)],
+            ("study03_hnet", 2): [(0, 0, 3.0), (50, 25_000, 2.9), (100, 50_000, 2.7), (150, 75_000, 2.5)]}
+    # the GPT's logs print the settings the warmdown needs: a 100 s cap, 50 steps of warmdown
+    gpt_settings = "iterations:300\nwarmdown_iters:50\nmax_wallclock_seconds:100.0\ngptq_reserve_seconds:10.0\n" \
+                   "export_formats:int6\ngptq_calib_batches:0\n"  # no calibration: no reserve
+    for (model, seed), points in runs.items():
+        (tmp_path / f"{model}_seed{seed}.log").write_text((gpt_settings if model == "study03_gpt" else "") + "".join(
+            f"step:{s}/300 val_loss:1.0 val_bpb:{b} train_time:{ms}ms step_avg:1ms\n" for s, ms, b in points))
+    assert figure.interpolate([(0, 0.0, 3.0), (50, 40.0, 2.6)], 30.0) == pytest.approx((37.5, 2.7))
+    assert figure.interpolate([(0, 0.0, 3.0), (50, 40.0, 2.6)], 41.0) is None
+    # at 60 s: the GPT's seed 1 is at step 75 (2.5), seed 2 at step 60 (2.7667); the H-Net's runs
+    # are at step 120 (2.42 and 2.62). The GPT's warmdown is 50 mean steps before the 100 s cap:
+    # 40 s for seed 1 (0.8 s a step), full LR at 60 s; 50 s for seed 2 (1 s a step), 40/50 = 0.8
+    rows = [line.strip("| ").split(" | ") for line in figure.at_seconds(tmp_path, 60, "study03_gpt").splitlines()[2:]]
+    assert rows == [["study03_gpt", "1, 2", "68 (60-75)", "2.6333 (2.5000-2.7667)", "0.90 (0.80-1.00)", "-"],
+                    ["study03_hnet", "1, 2", "120 (120-120)", "2.5200 (2.4200-2.6200)", "?",  # no settings
+                     "-0.1133 (-0.1467 to -0.0800)"]]
+    # at 78 s the H-Net's runs have stopped (at 75 s): no reading, and no difference to take
+    rows = [line.strip("| ").split(" | ") for line in figure.at_seconds(tmp_path, 78, "study03_gpt").splitlines()[2:]]
+    assert rows[1] == ["study03_hnet", "none", "-", "-", "-", "-"]
+    with pytest.raises(SystemExit, match="--base nope"):
+        figure.at_seconds(tmp_path, 60, "nope")
+    assert figure.main([str(tmp_path), "--at-seconds", "60", "--base", "study03_gpt", "--write"]) == 0
+    written = (tmp_path / "at_seconds60_vs_study03_gpt.md").read_text()
+    assert written == figure.readout_file(tmp_path, "seconds", 60, "study03_gpt")
+    assert written.startswith(f"`python bench/minigolf_figure.py {tmp_path.as_posix()} --at-seconds 60 --base study03_gpt`: ")
+    for argv in (["--at-seconds", "60", "--at-step", "50"], ["--base", "study03_gpt", "--out", "x.png"]):
+        with pytest.raises(SystemExit):
+            figure.main([str(tmp_path), *argv])
+
+
+def test_every_committed_at_step_table_is_what_its_logs_give_now():
+    """The READMEs quote the at_step<N>[_vs_<base>].md and at_seconds<T>[_vs_<base>].md files; each
+    must be the script's output on its folder's committed logs, byte for byte, with the command in
+    its first line and its base in its name."""
+    figure = load_module("bench/minigolf_figure.py")
+    tables = sorted((ROOT / "bench" / "logs").rglob("at_s*.md"))
     assert len(tables) >= 20
     for path in tables:
-        m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --at-step (\d+)(?: --base (\S+))?`: .*",
+        m = re.fullmatch(r"`python bench/minigolf_figure\.py (\S+) --at-(step|seconds) (\d+)(?: --base (\S+))?`: .*",
                          path.read_text().split("\n", 1)[0])
-        assert m and ROOT / m[1] == path.parent and path.name == figure.at_step_name(int(m[2]), m[3]), path
-        assert figure.at_step_file(path.parent, int(m[2]), m[3]) == path.read_text(), path
+        assert m and ROOT / m[1] == path.parent and path.name == figure.readout_name(m[2], int(m[3]), m[4]), path
+        assert figure.readout_file(path.parent, m[2], int(m[3]), m[4]) == path.read_text(), path
     # and the swing and schedule tables likewise
     for name, flag, make in (("swing.md", "--swing", figure.swing_file),
                              ("schedule.md", "--schedule", figure.schedule_file)):
