@@ -59,6 +59,7 @@ SP_ENV = {"DATA_PATH": str(SAMPLE_SP), "VOCAB_SIZE": "1024",
 # 300-step warmup), and its early int6 fake quantisation goes with it (ROUTER.md of study 02).
 # Off for every model here; an override (LR_WARMUP_STEPS=..., QAT_FROM_STEP=...) still wins.
 FAIR = ["LR_WARMUP_STEPS=0", "QAT_FROM_STEP=0"]
+READING = "BPB of the validation speeches (2015-2021); round trip = the int6 GPTQ artifact read back"
 VAL_EVERY = 50
 
 # name: (study, run in its runs.json, keys on top)
@@ -130,9 +131,7 @@ def combine(folders: list[Path], out: Path) -> tuple[dict, str]:
                            for f in folders)
     head = (f"`python bench/minigolf.py --combine {' '.join(map(files.shown, folders))} --logs {files.shown(out)}`: "
             f"the runs of {runs_of}, each `{settings[0]}` with its own --seeds and --models; the models every "
-            f"folder ran{left_out}; mean (min-max) over seeds "
-            f"{','.join(map(str, first_run))}; BPB of the validation speeches (2015-2021); round trip = the int6 "
-            "GPTQ artifact read back")
+            f"folder ran{left_out}; mean (min-max) over seeds {','.join(map(str, first_run))}; {READING}")
     return {m: [r for part in parts for r in part[m]] for m in models}, head
 
 
@@ -231,8 +230,7 @@ def main(argv=None) -> int:
     command = " ".join(["python bench/minigolf.py", f"--seconds {args.seconds:g}", f"--seeds {args.seeds}",
                         *([f"--models {args.models}"] if models != STUDIES_FOUR else []),
                         *([f"--docs {args.docs}"] if args.docs else []), *args.overrides])
-    text = (f"`{command}`: mean (min-max) over seeds {args.seeds}; BPB of the validation speeches (2015-2021); "
-            "round trip = the int6 GPTQ artifact read back\n\n" + table(results) + "\n")
+    text = f"`{command}`: mean (min-max) over seeds {args.seeds}; {READING}\n\n{table(results)}\n"
     files.write_atomic(args.logs / "table.md", text)
     files.write_atomic(args.logs / "results.json", json.dumps(results, indent=1) + "\n")
     print("\n" + text)

@@ -17,7 +17,7 @@ their warmdown at that step (the run's last step less WARMDOWN_ITERS); --write a
 under a line that says how it was made, to the folder's at_step<N>_vs_<base>.md (at_step<N>.md
 without --base), so one folder holds a table for each base (the files the READMEs link).
 
-    python bench/minigolf_figure.py bench/logs/minigolf_study03/best_lr_600s --at-seconds 400 --base study03_gpt
+    python bench/minigolf_figure.py bench/logs/minigolf_study03/sotu_full --at-seconds 100 --base study03_gpt
 
 does the same at equal training seconds (the footing the bench's table is on, at the end): each
 run's validation BPB where its line crosses that time, linear between the periodic points either
@@ -42,6 +42,7 @@ import argparse
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def warmdown_start(text: str) -> int | None:
     return max(int(steps[-1][0]) - int(w), 0) if w and steps else None
 
 
-def warmdown_rule(text: str):
+def warmdown_rule(text: str) -> Callable[[float, float], float] | None:
     """The trainer's warmdown factor (its lr_schedule) as a function of (step, training ms), from a
     log's own settings: linear to 0 over the last WARMDOWN_ITERS steps or, under a wall-clock cap,
     over the time of WARMDOWN_ITERS mean steps before the cap (the mean from the elapsed time at that
