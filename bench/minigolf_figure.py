@@ -111,11 +111,12 @@ def lr_multipliers(text: str) -> dict[int, float] | None:
     return None if rule is None else {int(s): rule(int(s), float(ms)) for s, _, ms in VAL.findall(text)}
 
 
-def validations(folder: Path) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
-    """{model: {seed: [(step, training seconds, val_bpb), ...]}} from a mini-golf logs folder."""
+def validations(folder: Path, texts: dict | None = None) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
+    """{model: {seed: [(step, training seconds, val_bpb), ...]}} from a mini-golf logs folder (or its
+    logs() already read)."""
     out: dict = {}
-    for model, texts in logs(folder).items():
-        for seed, text in texts.items():
+    for model, by_seed in (logs(folder) if texts is None else texts).items():
+        for seed, text in by_seed.items():
             points = [(int(step), int(ms) / 1000, float(bpb)) for step, bpb, ms in VAL.findall(text)]
             if points:
                 out.setdefault(model, {})[seed] = points
@@ -139,9 +140,9 @@ def at_step(folder: Path, step: int, base: str | None) -> str:
     """A markdown table of each model's validation BPB at `step`, over the seeds that reached it,
     with `base` its difference from that model at the same seed, and which of those seeds were in
     their warmdown by then (a lower LR lowers the loss at once: such a seed is not at equal footing)."""
-    data = {model: {seed: bpb for seed, points in seeds.items() for s, _, bpb in points if s == step}
-            for model, seeds in validations(folder).items()}
     texts = logs(folder)
+    data = {model: {seed: bpb for seed, points in seeds.items() for s, _, bpb in points if s == step}
+            for model, seeds in validations(folder, texts).items()}
     check_base(folder, base, data)
 
     rows = []
@@ -180,7 +181,7 @@ def at_seconds(folder: Path, seconds: float, base: str | None) -> str:
     texts = logs(folder)
     read = {model: {seed: point for seed, points in seeds.items()
                     if (point := interpolate(points, seconds)) is not None}
-            for model, seeds in validations(folder).items()}
+            for model, seeds in validations(folder, texts).items()}
     check_base(folder, base, read)
     rows = []
     for model, by_seed in read.items():
