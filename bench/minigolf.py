@@ -193,8 +193,9 @@ def main(argv=None) -> int:
         results, head = combine(args.combine, args.logs)
         args.logs.mkdir(parents=True, exist_ok=True)
         files.write_atomic(args.logs / "results.json", json.dumps(results, indent=1) + "\n")
-        files.write_atomic(args.logs / "table.md", f"{head}\n\n{table(results)}\n")
-        print((args.logs / "table.md").read_text())
+        text = f"{head}\n\n{table(results)}\n"
+        files.write_atomic(args.logs / "table.md", text)
+        print(text)
         return 0
     if args.retable:
         results = json.loads((args.logs / "results.json").read_text())
