@@ -97,6 +97,15 @@ def table(results: dict) -> str:
     return files.markdown_table(head, lines)
 
 
+def write_table(logs: Path, head: str, results: dict) -> str:
+    """Write a logs folder's results.json and its table.md (`head`, then the table); return the table's text."""
+    logs.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(logs / "results.json", json.dumps(results, indent=1) + "\n")
+    text = f"{head}\n\n{table(results)}\n"
+    files.write_atomic(logs / "table.md", text)
+    return text
+
+
 def combine(folders: list[Path], out: Path) -> tuple[dict, str]:
     """The results of several bench runs as one (models in the first folder's order, rows in the
     folders' order) and the line that heads their table in `out`. Keeps the models every folder ran;
@@ -191,11 +200,7 @@ def main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)
     if args.combine:
         results, head = combine(args.combine, args.logs)
-        args.logs.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(args.logs / "results.json", json.dumps(results, indent=1) + "\n")
-        text = f"{head}\n\n{table(results)}\n"
-        files.write_atomic(args.logs / "table.md", text)
-        print(text)
+        print(write_table(args.logs, head, results))
         return 0
     if args.retable:
         results = json.loads((args.logs / "results.json").read_text())
@@ -231,10 +236,7 @@ def main(argv=None) -> int:
     command = " ".join(["python bench/minigolf.py", f"--seconds {args.seconds:g}", f"--seeds {args.seeds}",
                         *([f"--models {args.models}"] if models != STUDIES_FOUR else []),
                         *([f"--docs {args.docs}"] if args.docs else []), *args.overrides])
-    text = f"`{command}`: mean (min-max) over seeds {args.seeds}; {READING}\n\n{table(results)}\n"
-    files.write_atomic(args.logs / "table.md", text)
-    files.write_atomic(args.logs / "results.json", json.dumps(results, indent=1) + "\n")
-    print("\n" + text)
+    print("\n" + write_table(args.logs, f"`{command}`: mean (min-max) over seeds {args.seeds}; {READING}", results))
     return 0
 
 
