@@ -178,7 +178,7 @@ def model_env(name: str, seconds: float, seed: int, overrides: list[str], docs: 
                                           f"VAL_LOSS_EVERY={VAL_EVERY}", *FAIR, *overrides,
                                           *(f"{k}={v}" for k, v in keys.items())])
     runs.ensure_sample_export(env)
-    one_epoch = runs.train_tokens(env["DATA_PATH"]) // int(env["TRAIN_BATCH_TOKENS"])
+    one_epoch = runs.train_tokens(env["DATA_PATH"]) // runs.stream_tokens_per_step(env)
     env["ITERATIONS"] = str(min(int(env.get("ITERATIONS", 10**9)), one_epoch))
     return study, env, one_epoch
 

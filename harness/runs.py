@@ -57,6 +57,14 @@ def train_tokens(data_path: str | Path) -> int:
     return sum(count(f) for f in sorted(Path(data_path).glob("fineweb_train_*.bin")))
 
 
+def stream_tokens_per_step(env: dict, world_size: int = 1) -> int:
+    """Tokens one step takes from the training stream: each micro-batch on each rank takes its share
+    of TRAIN_BATCH_TOKENS and one more (its last target, never an input), so a pass over the split
+    is train_tokens // this steps, not train_tokens // TRAIN_BATCH_TOKENS."""
+    accum = int(env.get("GRAD_ACCUM_STEPS") or 0) or max(1, 8 // world_size)  # the trainers' default
+    return world_size * accum * (int(env["TRAIN_BATCH_TOKENS"]) // (world_size * accum) + 1)
+
+
 def unique_stamp() -> str:
     """A time stamp for a folder of runs, with a random suffix: two sweeps started in the same
     second (two harnesses side by side) must never share run folders and overwrite each other."""

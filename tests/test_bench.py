@@ -64,6 +64,27 @@ def test_minigolf_table_rows_come_from_the_runs_it_made(sample_byte260, tmp_path
     assert "lr_warmup_steps:0" in lines and "qat_from_step:0" in lines  # not the demo's router recipe
 
 
+def test_minigolf_one_epoch_is_the_steps_the_trainers_loader_takes_to_read_the_split_once(sample_byte260):
+    """A step takes each micro-batch's tokens plus one (its last target), so a pass over the split is
+    fewer steps than train tokens // TRAIN_BATCH_TOKENS: the cap must not run into a second pass."""
+    from harness import runs
+
+    minigolf = load_module("bench/minigolf.py")
+    for model in ("study03_hnet", "study03_gpt:GRAD_ACCUM_STEPS=2"):
+        study, env, one_epoch = minigolf.model_env(model, 3, 1, [*TINY, f"DATA_PATH={sample_byte260}"], None)
+        t = minigolf.modules.trainer_of(study)
+        hp, _ = t.Hyperparameters.from_env(env)
+        rt = t.setup_device(hp)
+        loader = t.DistributedTokenLoader(hp, rt)
+        for _ in range(rt.grad_accum_steps):  # one step: a batch each micro-step
+            loader.next_batch()
+        per_step = loader.stream.pos  # what one step took from the stream
+        assert per_step == runs.stream_tokens_per_step(env) > hp.train_batch_tokens
+        total = runs.train_tokens(hp.data_path)
+        assert one_epoch * per_step <= total < (one_epoch + 1) * per_step
+        assert int(env["ITERATIONS"]) <= one_epoch
+
+
 def test_combine_pools_later_seeds_of_one_comparison_and_refuses_what_is_not_one(tmp_path):
     """More seeds of a comparison, run in another session, make one table: only the models every
     folder ran (each row's seeds each ran in a round beside the first model), the same settings."""
