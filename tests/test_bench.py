@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_module
+from conftest import ROOT, export_docs, load_module
 
 TINY = ["MODEL_DIM=32", "NUM_HEADS=2", "NUM_KV_HEADS=1", "NUM_LAYERS=4", "OUTER_LAYERS=1", "TRAIN_SEQ_LEN=64",
         "TRAIN_BATCH_TOKENS=1024", "VAL_MAX_TOKENS=2048", "KEEP_FLOAT_MAX_NUMEL=256", "GPTQ_CALIB_BATCHES=2",
@@ -567,3 +567,84 @@ def test_the_codec_bench_measures_the_codecs_the_trainers_write(sample_byte260, 
     (tmp_path / "bad.ptz").write_bytes(bytes(flipped))
     assert codecs.main([str(tmp_path / "bad.ptz")]) == 2
     assert "bad.ptz" in capsys.readouterr().err
+
+
+def stretch_docs(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """A documents file of two validation speeches and five training pieces of known years, with
+    its .meta.json, as make_sample.py writes them."""
+    import lzma
+
+    val = [{"text": "Validation one.", "year": 2015, "president": "B"},
+           {"text": "Validation two é.", "year": 2016, "president": "B"}]
+    train = [{"text": "a" * 20, "year": 1800, "president": "W"}, {"text": "é" * 7, "year": 2010, "president": "B"},
+             {"text": "c" * 30, "year": 1950, "president": "T"}, {"text": "d" * 5, "year": 2012, "president": "B"},
+             {"text": "e" * 12, "year": 1990, "president": "C"}]
+    path = tmp_path / "tiny_docs.jsonl.xz"
+    path.write_bytes(lzma.compress("".join(json.dumps(d) + "\n" for d in val + train).encode()))
+    (tmp_path / "tiny_docs.meta.json").write_text(json.dumps({"docs_val": 2}))
+    return path, train
+
+
+def test_order_stretch_gives_each_training_byte_the_year_of_its_document(tmp_path, monkeypatch, capsys):
+    stretch = load_module("bench/order_stretch.py")
+    path, train = stretch_docs(tmp_path)
+    monkeypatch.setattr(stretch.runs, "export_corpus",
+                        lambda docs: {"DATA_PATH": str(export_docs(docs, tmp_path / "export") / "datasets" /
+                                                       "fineweb10B_byte260")})
+    # the stream as the trainer reads it: a BOS, then the UTF-8 bytes, document after document
+    years = [y for d in train for y in [None] + [d["year"]] * len(d["text"].encode("utf-8"))]
+    per_step = 2 * (8 // 2 + 1)  # --batch-tokens 8 --micro-steps 2: 2 micro-batches of 4 + 1 tokens
+    assert stretch.main([str(path), "--steps", "0,3,6", "--batch-tokens", "8", "--micro-steps", "2",
+                         "--out", str(tmp_path / "out.md")]) == 0
+    out = (tmp_path / "out.md").read_text()
+    assert capsys.readouterr().out.endswith(out)  # after the exporter's own lines
+    assert out.startswith(f"`python bench/order_stretch.py {path} --steps 0,3,6")  # the command that made it
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| steps")]
+    steps_in_pass = len(years) // per_step
+    assert f"{steps_in_pass:,} steps in one pass" in out
+    for row, (a, b) in zip(rows, [(0, 3), (3, 6), (0, steps_in_pass)]):
+        span = [y for y in years[a * per_step:min(b, steps_in_pass) * per_step] if y is not None]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[1].replace(",", "")) == len(span)
+        assert int(cells[2]) == round(sum(span) / len(span))
+        assert [float(c.rstrip("%")) for c in cells[3:7]] == pytest.approx(
+            [100 * sum(lo <= y <= hi for y in span) / len(span) for lo, hi in stretch.ERAS], abs=0.05)
+        # the last training president is B (2012): his pieces are the 2010 and 2012 ones
+        assert float(cells[7].rstrip("%")) == pytest.approx(100 * sum(y in (2010, 2012) for y in span) / len(span), abs=0.05)
+
+
+def test_order_stretch_refuses_shards_that_are_not_the_documents_file(tmp_path):
+    import numpy as np
+
+    stretch = load_module("bench/order_stretch.py")
+    _, train = stretch_docs(tmp_path)
+    stream = np.concatenate([[1, *(np.frombuffer(d["text"].encode(), np.uint8) + 4)] for d in train]).astype(np.uint16)
+    assert len(stretch.stretch_rows(stream, train, 5, [0, 1])) == 2
+    with pytest.raises(SystemExit, match="5 documents"):
+        stretch.stretch_rows(stream, train[:4], 5, [0, 1])  # one document more in the shards than the file
+    swapped = [train[1], train[0], *train[2:]]
+    with pytest.raises(SystemExit, match="first training document"):
+        stretch.stretch_rows(stream, swapped, 5, [0, 1])
+
+
+def test_order_stretch_falls_are_each_models_mean_before_its_warmdown(tmp_path, monkeypatch):
+    stretch = load_module("bench/order_stretch.py")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def log(name, val, warmdown=100):
+        lines = [f"warmdown_iters:{warmdown}"] + [f"step:{s}/9999 val_loss:1.0 val_bpb:{v} train_time:{s}ms"
+                                                  for s, v in val.items()]
+        (runs / name).write_text("\n".join(lines) + "\n")
+
+    log("hnet_seed1.log", {0: 3.0, 100: 2.5, 200: 2.4, 300: 2.0})  # warmdown from step 200
+    log("hnet_seed2.log", {0: 3.2, 100: 2.9, 200: 2.6, 300: 2.5, 400: 2.1})  # from step 300
+    log("gpt_seed1.log", {0: 3.0, 100: 2.0})
+    falls = stretch.read_falls([runs], [0, 100, 200, 300])
+    # 0-100: (0.5 + 0.3) / 2; 100-200: seed 1's 0.1 and seed 2's 0.3; 200-300 ends in seed 1's
+    # warmdown, so seed 2's 0.1 alone
+    assert falls["hnet"] == pytest.approx([0.4, 0.2, 0.1])
+    assert falls["gpt"] == [None, None, None]  # its one stretch ends in its warmdown
+    (runs / "broken_seed1.log").write_text("step:0/9 val_loss:1 val_bpb:3.0 train_time:0ms\n")
+    with pytest.raises(SystemExit, match="broken_seed1.log does not print warmdown_iters"):
+        stretch.read_falls([runs], [0, 100])
