@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from harness import modules, runs  # noqa: E402
+from harness import files, modules, runs  # noqa: E402
 
 figure = modules.import_file(ROOT / "bench" / "minigolf_figure.py")  # its log readers
 
@@ -41,12 +41,13 @@ ERAS = [(1790, 1899), (1900, 1959), (1960, 1999), (2000, 2014)]  # the training 
 
 
 def read_docs(path: Path) -> tuple[int, list[dict]]:
-    """The number of validation documents (from the .meta.json beside the file) and every document."""
-    meta = path.with_name(path.name.split(".")[0] + ".meta.json")
-    if not meta.is_file():
-        raise SystemExit(f"error: {meta} not found (make_sample.py writes it beside {path.name})")
+    """The number of validation documents, by the exporter's own rule (its sidecar's docs_val), and
+    every document."""
+    _, sidecar = modules.import_file(runs.EXPORTER).DocumentFile(path).sidecar()
+    if not sidecar or "docs_val" not in sidecar:
+        raise SystemExit(f"error: no .meta.json with docs_val beside {path} (make_sample.py writes it)")
     docs = [json.loads(line) for line in lzma.decompress(path.read_bytes()).decode("utf-8").splitlines()]
-    return json.loads(meta.read_text())["docs_val"], docs
+    return sidecar["docs_val"], docs
 
 
 def token_docs(stream: np.ndarray, train: list[dict]) -> np.ndarray:
@@ -69,10 +70,11 @@ def stretch_rows(stream: np.ndarray, train: list[dict], tokens_per_step: int, st
     same_speaker = np.array([d["president"] == last for d in train])[doc]
     is_byte = stream != BOS_ID
     total_steps = len(stream) // tokens_per_step
-    spans = [(a, b) for a, b in zip(steps, steps[1:]) if a < total_steps]
+    spans = [(f"{a:,}-{min(b, total_steps):,}", a, min(b, total_steps))
+             for a, b in zip(steps, steps[1:]) if a < total_steps]
     rows = []
-    for label, (a, b) in [(f"{a:,}-{min(b, total_steps):,}", (a, b)) for a, b in spans] + [("whole split", (0, total_steps))]:
-        sel = slice(a * tokens_per_step, min(b, total_steps) * tokens_per_step)
+    for label, a, b in spans + [("whole split", 0, total_steps)]:
+        sel = slice(a * tokens_per_step, b * tokens_per_step)
         y, mask, same = years[sel], is_byte[sel], same_speaker[sel]
         n = int(mask.sum())
         rows.append({"steps": label, "bytes": n, "mean_year": float(y[mask].mean()),
@@ -177,12 +179,7 @@ def main(argv=None) -> int:
     if args.logs:
         tables.append(correlations(points))
     command = " ".join(["python bench/order_stretch.py", *(sys.argv[1:] if argv is None else argv)])
-    text = "\n\n".join([f"`{command}`", *tables]) + "\n"
-    print(text, end="")
-    if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+    files.report("\n\n".join([f"`{command}`", *tables]), args.out)
     return 0
 
 

@@ -597,7 +597,7 @@ def test_order_stretch_gives_each_training_byte_the_year_of_its_document(tmp_pat
     assert stretch.main([str(path), "--steps", "0,3,6", "--batch-tokens", "8", "--micro-steps", "2",
                          "--out", str(tmp_path / "out.md")]) == 0
     out = (tmp_path / "out.md").read_text()
-    assert capsys.readouterr().out.endswith(out)  # after the exporter's own lines
+    assert capsys.readouterr().out.endswith(out + "\n")  # printed, after the exporter's own lines
     assert out.startswith(f"`python bench/order_stretch.py {path} --steps 0,3,6")  # the command that made it
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| steps")]
     steps_in_pass = len(years) // per_step
