@@ -35,15 +35,15 @@ sys.path.insert(0, str(ROOT))
 from harness import files, modules, runs  # noqa: E402
 
 figure = modules.import_file(ROOT / "bench" / "minigolf_figure.py")  # its log readers
+exporter = modules.import_file(runs.EXPORTER)  # the shard reader, BOS id and byte260 encoding the runs used
 
-BOS_ID = 1
 ERAS = [(1790, 1899), (1900, 1959), (1960, 1999), (2000, 2014)]  # the training years, 1790-2014
 
 
 def read_docs(path: Path) -> tuple[int, list[dict]]:
     """The number of validation documents, by the exporter's own rule (its sidecar's docs_val), and
     every document."""
-    _, sidecar = modules.import_file(runs.EXPORTER).DocumentFile(path).sidecar()
+    _, sidecar = exporter.DocumentFile(path).sidecar()
     if not sidecar or "docs_val" not in sidecar:
         raise SystemExit(f"error: no .meta.json with docs_val beside {path} (make_sample.py writes it)")
     docs = [json.loads(line) for line in lzma.decompress(path.read_bytes()).decode("utf-8").splitlines()]
@@ -52,14 +52,15 @@ def read_docs(path: Path) -> tuple[int, list[dict]]:
 
 def token_docs(stream: np.ndarray, train: list[dict]) -> np.ndarray:
     """For each token of the training stream, the index of the training document it belongs to."""
-    starts = np.flatnonzero(stream == BOS_ID)
+    is_bos = stream == exporter.BOS_ID
+    starts = np.flatnonzero(is_bos)
     if len(starts) != len(train) or (len(starts) and starts[0] != 0):
         raise SystemExit(f"error: the training shards hold {len(starts)} documents (first BOS at "
                          f"{starts[0] if len(starts) else None}), the documents file {len(train)}")
     first = stream[1:starts[1] if len(starts) > 1 else len(stream)]
-    if bytes((first - 4).astype(np.uint8)) != train[0]["text"].encode("utf-8"):
+    if not np.array_equal(first, exporter.encode_byte260(train[0]["text"])):
         raise SystemExit("error: the first training document in the shards is not the file's first one")
-    return np.cumsum(stream == BOS_ID) - 1
+    return np.cumsum(is_bos) - 1
 
 
 def stretch_rows(stream: np.ndarray, train: list[dict], tokens_per_step: int, steps: list[int]) -> list[dict]:
@@ -68,7 +69,7 @@ def stretch_rows(stream: np.ndarray, train: list[dict], tokens_per_step: int, st
     years = np.array([d["year"] for d in train])[doc]
     last = max(train, key=lambda d: d["year"])["president"]
     same_speaker = np.array([d["president"] == last for d in train])[doc]
-    is_byte = stream != BOS_ID
+    is_byte = stream != exporter.BOS_ID
     total_steps = len(stream) // tokens_per_step
     spans = [(f"{a:,}-{min(b, total_steps):,}", a, min(b, total_steps))
              for a, b in zip(steps, steps[1:]) if a < total_steps]
@@ -165,7 +166,6 @@ def main(argv=None) -> int:
         p.error(f"--logs given {len(args.logs)} times for {len(args.docs)} documents files: expected once per file")
     tokens_per_step = runs.stream_tokens_per_step({"TRAIN_BATCH_TOKENS": args.batch_tokens,
                                                    "GRAD_ACCUM_STEPS": args.micro_steps})
-    exporter = modules.import_file(runs.EXPORTER)
     tables, points = [], []
     for k, path in enumerate(args.docs):
         num_val, docs = read_docs(path)
